@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (a local CPU wheel on our machines); pyproject only declares a range so that GPU users
+# keep their own CUDA build. Installing it first means the range is already satisfied afterwards.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: test demo setup clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) examples/plain_loop.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,12 @@
+"""drlora: DR-LoRA — per-expert LoRA whose ranks grow where the task needs capacity — for transformers MoE models."""
+
+__version__ = "0.1.0"
+
+from .allocator import GrowthSchedule, plan_growth, saliency  # noqa: E402
+from .callback import DRLoRACallback  # noqa: E402
+from .config import DRLoRAConfig  # noqa: E402
+from .model import DRLoRAModel, GrowthEvent, get_dr_lora_model  # noqa: E402
+from .saving import load_dr_lora_model  # noqa: E402
+
+__all__ = ["DRLoRAConfig", "DRLoRAModel", "DRLoRACallback", "GrowthEvent", "GrowthSchedule", "get_dr_lora_model",
+           "load_dr_lora_model", "plan_growth", "saliency", "__version__"]

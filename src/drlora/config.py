@@ -1,0 +1,158 @@
+"""DRLoRAConfig: every knob of DR-LoRA, with the paper's defaults and validation that says what would work."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECTIONS = ("gate", "up", "down")
+IMPORTANCE_MODES = ("product", "sum")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs):
+    """A dataclass field that carries its help text (shown by docs and the CLI)."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DRLoRAConfig:
+    """Configuration of DR-LoRA: LoRA on every routed expert, with per-expert ranks grown by saliency.
+
+    Defaults follow the paper (DR-LoRA, arXiv 2601.04823 v5). `total_steps` is the number of optimizer steps; it may
+    be left `None` when training with `DRLoRACallback`, which takes it from the Trainer.
+    """
+
+    r_init: int = _help("Active rank of every expert at the start.", 8)
+    r_target: int = _help("Average active rank per expert that every MoE layer reaches at the last growth event.", 16)
+    r_max: int = _help("Rank pre-allocated per expert; no expert grows beyond it.", 32)
+    lora_alpha: float | None = _help("LoRA alpha; scaling s = lora_alpha / r_max is constant. None means 2 * r_max "
+                                     "(s = 2, the paper's setting).", None)
+    lora_dropout: float = _help("Dropout on the LoRA input (training only).", 0.1)
+    target_projections: tuple[str, ...] = _help("Expert projections to adapt, any of gate / up / down.",
+                                                ("up", "down"))
+    extra_target_modules: tuple[str, ...] = _help(
+        "Names (or name suffixes) of nn.Linear modules outside the routed experts that get a plain LoRA of uniform "
+        "rank `extra_r`, e.g. ('q_proj', 'v_proj') or ('shared_expert.up_proj',). Off by default.", ())
+    extra_r: int | None = _help("Rank of the plain LoRA on extra_target_modules. None means r_target.", None)
+    total_steps: int | None = _help("Number of optimizer steps of the run (None: set later, e.g. by the callback).",
+                                    None)
+    growth_interval: int = _help("T_grow: optimizer steps between growth events.", 200)
+    warmup_ratio: float = _help("Fraction of total_steps before the first growth event; the router is frozen "
+                                "during it.", 0.03)
+    max_grow_per_event: int | None = _help("New ranks one expert may activate per growth event. None means "
+                                           "ceil(0.1 * (r_max - r_init)).", None)
+    beta_f: float = _help("EMA decay of the routing frequency.", 0.9)
+    beta_g: float = _help("EMA decay of the per-rank importance.", 0.9)
+    gamma: float = _help("Rank penalty exponent: saliency is f * g / (r + 1) ** gamma.", 1.2)
+    importance: str = _help("How the A-side and B-side sensitivities of a rank combine: 'product' (paper) or "
+                            "'sum' (authors' code).", "product")
+    train_router: bool = _help("Train the router after warmup (it is in the optimizer from the start and gated "
+                               "during warmup). False keeps it frozen throughout.", True)
+    seed: int = _help("Seed of the LoRA initialisation (identical on every process).", 0)
+
+    def __post_init__(self) -> None:
+        self.target_projections = tuple(self.target_projections)
+        self.extra_target_modules = tuple(self.extra_target_modules)
+        self.validate()
+
+    # ---- derived values -------------------------------------------------------------------------------------
+    @property
+    def scaling(self) -> float:
+        alpha = 2.0 * self.r_max if self.lora_alpha is None else float(self.lora_alpha)
+        return alpha / self.r_max
+
+    @property
+    def grow_per_event(self) -> int:
+        if self.max_grow_per_event is not None:
+            return self.max_grow_per_event
+        return max(1, math.ceil(0.1 * (self.r_max - self.r_init)))
+
+    @property
+    def extra_rank(self) -> int:
+        return self.r_target if self.extra_r is None else self.extra_r
+
+    # ---- validation -----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming what is wrong and what would work."""
+        for name in ("r_init", "r_target", "r_max", "growth_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.r_init <= self.r_target <= self.r_max:
+            raise ValueError(f"ranks must satisfy r_init <= r_target <= r_max, got r_init={self.r_init}, "
+                             f"r_target={self.r_target}, r_max={self.r_max}.")
+        if self.extra_r is not None and (not isinstance(self.extra_r, int) or self.extra_r < 1):
+            raise ValueError(f"extra_r must be a positive integer or None, got {self.extra_r!r}.")
+        if self.max_grow_per_event is not None and (not isinstance(self.max_grow_per_event, int)
+                                                    or self.max_grow_per_event < 1):
+            raise ValueError(f"max_grow_per_event must be a positive integer or None, got {self.max_grow_per_event!r}.")
+        if not self.target_projections:
+            raise ValueError(f"target_projections is empty; choose any of {PROJECTIONS}.")
+        for proj in self.target_projections:
+            if proj not in PROJECTIONS:
+                raise ValueError(f"unknown projection {proj!r} in target_projections; choose from {PROJECTIONS}"
+                                 + _did_you_mean(proj, PROJECTIONS))
+        if len(set(self.target_projections)) != len(self.target_projections):
+            raise ValueError(f"target_projections lists a projection twice: {self.target_projections}.")
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}"
+                             + _did_you_mean(str(self.importance), IMPORTANCE_MODES))
+        for name in ("lora_dropout", "warmup_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+        for name in ("beta_f", "beta_g"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive or None, got {self.lora_alpha!r}.")
+        if self.total_steps is not None:
+            self.schedule()  # raises if the growth schedule cannot reach r_target
+
+    def schedule(self, total_steps: int | None = None):
+        """The growth schedule for `total_steps` (default: self.total_steps); raises if it cannot reach r_target."""
+        from .allocator import GrowthSchedule
+
+        steps = self.total_steps if total_steps is None else total_steps
+        if steps is None:
+            raise ValueError("total_steps is not set: pass DRLoRAConfig(total_steps=...) or train with "
+                             "DRLoRACallback, which takes it from the Trainer.")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {steps!r}.")
+        return GrowthSchedule.build(steps, self.growth_interval, self.warmup_ratio, self.r_init, self.r_target,
+                                    self.grow_per_event)
+
+    # ---- (de)serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["target_projections"] = list(self.target_projections)
+        data["extra_target_modules"] = list(self.extra_target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DRLoRAConfig:
+        """Build from a dict, refusing unknown keys with a suggestion of the closest known one."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ValueError(f"unknown DRLoRAConfig key {key!r}" + _did_you_mean(key, known)
+                                 + f" Known keys: {', '.join(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text, for docs and command-line interfaces."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)." if close else "."

@@ -1,0 +1,262 @@
+"""DRLoRAModel: injects expert LoRA into a transformers MoE, owns the signals and runs the allocator."""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocator import GrowthSchedule, plan_growth, saliency
+from .config import DRLoRAConfig
+from .layer import ExpertLoRA, ExpertsAdapter, LinearLoRA, dr_lora_experts_forward
+from .layout import MoELayer, family_of, find_moe_layers
+from .signals import all_reduce_step_sums
+
+logger = logging.getLogger("drlora")
+
+
+@dataclass
+class GrowthEvent:
+    """What one growth event did: `grown[l, e]` new ranks per expert, `ranks` the rank map afterwards."""
+
+    step: int
+    grown: torch.Tensor
+    ranks: torch.Tensor
+    saliency: torch.Tensor
+    layers_below_target: int
+
+    def summary(self) -> str:
+        return (f"drlora step {self.step}: grew {int(self.grown.sum())} rank(s) on "
+                f"{int((self.grown > 0).sum())} expert(s); mean rank {self.ranks.float().mean():.2f}; "
+                f"{self.layers_below_target} layer(s) below target")
+
+
+class DRLoRAModel(nn.Module):
+    """A transformers MoE with DR-LoRA on its routed experts. Call it like the base model.
+
+    Use `get_dr_lora_model` to build one. Once per optimizer step — after backward, before `optimizer.step()` —
+    call `update_and_allocate(global_step)`.
+    """
+
+    def __init__(self, model: nn.Module, config: DRLoRAConfig):
+        super().__init__()
+        self.base_model = model
+        self.drlora_config = config
+        self.moe_layers: list[MoELayer] = find_moe_layers(model)
+        self.family = family_of(model)
+        self._check_projections()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self._inject_experts()
+        self._extra_handles = self._inject_extra_modules()
+        self._router_params = self._setup_routers()
+        self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
+        self._schedule: GrowthSchedule | None = config.schedule() if config.total_steps is not None else None
+
+    # ---- injection --------------------------------------------------------------------------------------------
+    def _check_projections(self) -> None:
+        for layer in self.moe_layers:
+            missing = [p for p in self.drlora_config.target_projections if p not in layer.projections()]
+            if missing:
+                raise ValueError(f"{layer.name} ({self.family}) has no {missing[0]!r} projection (its experts have "
+                                 f"{', '.join(layer.projections())}); remove it from target_projections.")
+
+    def _inject_experts(self) -> None:
+        cfg = self.drlora_config
+        for layer in self.moe_layers:
+            weight = layer.experts.down_proj
+            loras = {}
+            for p_index, proj in enumerate(cfg.target_projections):
+                geom = layer.geometry(proj)
+                loras[proj] = ExpertLoRA(layer.num_experts, geom.in_features, geom.out_features, cfg.r_max,
+                                         cfg.r_init, cfg.scaling, cfg.lora_dropout,
+                                         seed=_mix(cfg.seed, layer.index, p_index), dtype=weight.dtype,
+                                         device=weight.device)
+            layer.experts.dr_lora = ExpertsAdapter(layer, loras)
+            layer.experts.forward = types.MethodType(dr_lora_experts_forward, layer.experts)
+
+    def _inject_extra_modules(self) -> list:
+        cfg = self.drlora_config
+        handles = []
+        expert_names = tuple(layer.name for layer in self.moe_layers)
+        for pattern in cfg.extra_target_modules:
+            matched = [(n, m) for n, m in self.base_model.named_modules()
+                       if (n == pattern or n.endswith("." + pattern)) and not n.startswith(expert_names)]
+            if not matched:
+                raise ValueError(f"extra_target_modules entry {pattern!r} matches no module of this model.")
+            for index, (name, module) in enumerate(matched):
+                if not isinstance(module, nn.Linear):
+                    raise ValueError(f"extra_target_modules entry {pattern!r} matches {name}, a "
+                                     f"{type(module).__name__}; only nn.Linear modules can get plain LoRA.")
+                if hasattr(module, "dr_lora"):
+                    continue
+                module.dr_lora = LinearLoRA(module, cfg.extra_rank, cfg.scaling, cfg.lora_dropout,
+                                            seed=_mix(cfg.seed, 10_000 + len(handles), 0))
+                handles.append((name, module, module.register_forward_hook(LinearLoRA.hook)))
+        return handles
+
+    def _setup_routers(self) -> list[nn.Parameter]:
+        """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup."""
+        params = []
+        if not self.drlora_config.train_router:
+            return params
+        for layer in self.moe_layers:
+            if layer.router is None:
+                raise ValueError(f"train_router=True but no router was found beside {layer.name}; set "
+                                 "train_router=False.")
+            for param in layer.router.parameters():
+                param.requires_grad_(True)
+                param.register_hook(self._gate_router_grad)
+                params.append(param)
+        return params
+
+    def _gate_router_grad(self, grad: torch.Tensor):
+        return None if self.router_trainable else torch.zeros_like(grad)
+
+    # ---- nn.Module plumbing -----------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- views --------------------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[ExpertsAdapter]:
+        return [layer.experts.dr_lora for layer in self.moe_layers]
+
+    def expert_loras(self) -> list[ExpertLoRA]:
+        return [lora for adapter in self.adapters for lora in adapter.projections.values()]
+
+    def rank_map(self) -> torch.Tensor:
+        """Active ranks per expert: LongTensor [num_moe_layers, num_experts] (on CPU)."""
+        return torch.stack([a.ranks().cpu() for a in self.adapters]).long()
+
+    @property
+    def schedule(self) -> GrowthSchedule:
+        if self._schedule is None:
+            self._schedule = self.drlora_config.schedule()  # raises with advice when total_steps is unset
+        return self._schedule
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the run length (the callback does this from the Trainer) and validate the schedule."""
+        self.drlora_config.total_steps = total_steps
+        self._schedule = self.drlora_config.schedule()
+
+    @property
+    def router_trainable(self) -> bool:
+        """Whether the router may learn in the coming step (the one after `last_step`)."""
+        if not self.drlora_config.train_router or self._schedule is None:
+            return False
+        return self._schedule.router_trainable(int(self.last_step) + 1)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Active LoRA parameters (unmasked ranks), reserved LoRA parameters (r_max) and trainable parameters."""
+        active = reserved = 0
+        for lora in self.expert_loras():
+            per_rank = lora.in_features + lora.out_features
+            active += int(lora.rank_mask.sum()) * per_rank
+            reserved += lora.num_experts * lora.r_max * per_rank
+        for _, module, _ in self._extra_handles:
+            n = module.dr_lora.lora_A.numel() + module.dr_lora.lora_B.numel()
+            active += n
+            reserved += n
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {"active": active, "reserved": reserved, "trainable": trainable, "total": total}
+
+    def print_trainable_parameters(self) -> None:
+        c = self.parameter_counts()
+        print(f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+              f"trainable%: {100 * c['trainable'] / max(c['total'], 1):.4f} || active LoRA params: {c['active']:,} "
+              f"|| reserved LoRA params: {c['reserved']:,}")
+
+    # ---- the training-step hook -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_and_allocate(self, global_step: int) -> GrowthEvent | None:
+        """Once per optimizer step, after backward and before `optimizer.step()`.
+
+        Folds this step's routing and importance sums into their EMAs (all-reduced across processes), keeps the
+        router's gradient away during warmup, and at a growth event activates new ranks. Returns the event, if any.
+        """
+        cfg, schedule = self.drlora_config, self.schedule
+        if global_step <= int(self.last_step):
+            return None  # already processed (e.g. a resumed run replaying a step)
+        frequencies = [a.frequency for a in self.adapters]
+        importances = [lora.importance for lora in self.expert_loras()]
+        all_reduce_step_sums(frequencies, importances)
+        for freq in frequencies:
+            freq.update(cfg.beta_f)
+        for imp in importances:
+            imp.update(cfg.beta_g)
+        if not schedule.router_trainable(global_step):
+            for param in self._router_params:
+                param.grad = None  # the optimizer skips it: no update, no weight decay
+        event = self._grow(global_step) if schedule.is_event(global_step) else None
+        self.last_step.fill_(global_step)
+        return event
+
+    def saliency(self) -> torch.Tensor:
+        """Current Expert Saliency Score [num_layers, num_experts]."""
+        cfg = self.drlora_config
+        freq = torch.stack([a.frequency.ema.float().cpu() for a in self.adapters])
+        imp = torch.stack([self._layer_importance(a).cpu() for a in self.adapters])
+        return saliency(freq, imp, self.rank_map(), cfg.gamma)
+
+    def _layer_importance(self, adapter: ExpertsAdapter) -> torch.Tensor:
+        mode = self.drlora_config.importance
+        per_proj = [lora.importance.per_expert(mode, lora.rank_mask).float() for lora in adapter.projections.values()]
+        return torch.stack(per_proj).mean(0)
+
+    def _grow(self, step: int) -> GrowthEvent:
+        cfg = self.drlora_config
+        scores = self.saliency()
+        plan = plan_growth(scores, self.rank_map(), r_target=cfg.r_target, r_max=cfg.r_max,
+                           grow_per_event=cfg.grow_per_event, events_left=self.schedule.events_left(step))
+        for adapter, grow in zip(self.adapters, plan):
+            for lora in adapter.projections.values():
+                lora.grow(grow)
+                lora.importance.reset()
+        ranks = self.rank_map()
+        below = int((ranks.sum(-1) < ranks.shape[-1] * cfg.r_target).sum())
+        event = GrowthEvent(step, plan, ranks, scores, below)
+        logger.info(event.summary())
+        return event
+
+    # ---- saving, merging, exporting (see saving.py) -----------------------------------------------------------
+    def save_pretrained(self, save_directory, include_training_state: bool = False) -> None:
+        from .saving import save_adapter
+
+        save_adapter(self, save_directory, include_training_state=include_training_state)
+
+    def merge_and_unload(self) -> nn.Module:
+        from .saving import merge_and_unload
+
+        return merge_and_unload(self)
+
+    def export_peft(self, save_directory) -> None:
+        from .peft_export import export_peft
+
+        export_peft(self, save_directory)
+
+
+def _mix(seed: int, a: int, b: int) -> int:
+    """A distinct, reproducible seed per (layer, projection)."""
+    return (seed * 1_000_003 + a * 1_009 + b * 7 + 12_345) % (2**63 - 1)
+
+
+def get_dr_lora_model(model: nn.Module, config: DRLoRAConfig) -> DRLoRAModel:
+    """Wrap a transformers MoE model with DR-LoRA (the base model is modified in place and frozen)."""
+    if not isinstance(config, DRLoRAConfig):
+        raise TypeError(f"config must be a DRLoRAConfig, got {type(config).__name__}.")
+    if isinstance(model, DRLoRAModel):
+        raise ValueError("this model already has DR-LoRA; merge_and_unload() it first or use it as it is.")
+    return DRLoRAModel(model, config)

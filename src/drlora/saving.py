@@ -1,0 +1,199 @@
+"""Saving, loading and merging DR-LoRA adapters. Reads only JSON and safetensors; writes each file atomically.
+
+`adapter_model.safetensors` holds only the active ranks, packed per projection: A rows of every expert's active
+ranks stacked expert by expert ([Σ_e r_e, in]) and the matching B columns ([out, Σ_e r_e]); the rank map in
+`adapter_config.json` says where each expert's block starts. Routers are saved when they were trained. A resumable
+checkpoint (`include_training_state=True`) adds `training_state.safetensors`: every DR-LoRA tensor at full r_max,
+the masks, the EMAs of the growth signals and the last step, so a resumed run makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import DRLoRAConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+STATE_NAME = "training_state.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename, so no reader sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _adapter_tensors(model) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for layer, adapter in zip(model.moe_layers, model.adapters):
+        ranks = adapter.ranks().tolist()
+        for proj, lora in adapter.projections.items():
+            key = f"{layer.name}.{proj}"
+            tensors[f"{key}.lora_A"] = torch.cat([lora.lora_A[e, :r] for e, r in enumerate(ranks)]).contiguous()
+            tensors[f"{key}.lora_B"] = torch.cat([lora.lora_B[e, :, :r] for e, r in enumerate(ranks)], 1).contiguous()
+    for name, module, _ in model._extra_handles:
+        tensors[f"{name}.lora_A"] = module.dr_lora.lora_A.contiguous()
+        tensors[f"{name}.lora_B"] = module.dr_lora.lora_B.contiguous()
+    if model.drlora_config.train_router:
+        for layer in model.moe_layers:
+            for pname, param in layer.router.named_parameters():
+                tensors[f"{layer.router_name}.{pname}"] = param.contiguous()
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def _training_state(model) -> dict[str, torch.Tensor]:
+    state = {"last_step": model.last_step.detach().cpu().reshape(1)}
+    for layer, adapter in zip(model.moe_layers, model.adapters):
+        for key, value in adapter.state_dict().items():
+            state[f"{layer.name}.dr_lora.{key}"] = value.detach().cpu().contiguous()
+    for name, module, _ in model._extra_handles:
+        for key, value in module.dr_lora.state_dict().items():
+            state[f"{name}.dr_lora.{key}"] = value.detach().cpu().contiguous()
+    return state
+
+
+def base_identity(model) -> dict:
+    config = getattr(model.base_model, "config", None)
+    return {"model_type": model.family, "name_or_path": getattr(config, "_name_or_path", None),
+            "architectures": getattr(config, "architectures", None),
+            "moe_layers": [layer.shape_signature() for layer in model.moe_layers]}
+
+
+def save_adapter(model, save_directory, include_training_state: bool = False) -> None:
+    directory = Path(save_directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the adapter folder {directory}: {err.strerror}; choose a writable path.") from err
+    meta = {"drlora_version": __version__, "format": "packed-active-ranks",
+            "config": model.drlora_config.to_dict(), "rank_map": model.rank_map().tolist(),
+            "base_model": base_identity(model), "router_trained": model.drlora_config.train_router,
+            "extra_modules": [name for name, _, _ in model._extra_handles]}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_adapter_tensors(model), p, metadata={"format": "pt"}))
+    if include_training_state:
+        _atomic_write(directory / STATE_NAME, lambda p: save_file(_training_state(model), p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+
+
+def read_adapter_config(save_directory) -> dict:
+    path = Path(save_directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {save_directory} is not a drlora adapter folder "
+                                "(save one with model.save_pretrained).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); the adapter is damaged.") from err
+
+
+def load_dr_lora_model(model: nn.Module, save_directory, is_trainable: bool = False):
+    """Attach a saved DR-LoRA adapter to `model` (the same base it was trained on).
+
+    With `is_trainable=True` and a resumable checkpoint, the full training state (all r_max ranks, masks, EMAs,
+    step) is restored so training continues exactly; otherwise only the active ranks are loaded.
+    """
+    from .model import get_dr_lora_model
+
+    meta = read_adapter_config(save_directory)
+    config = DRLoRAConfig.from_dict(meta["config"])
+    drlora = get_dr_lora_model(model, config)
+    _check_base(drlora, meta["base_model"], save_directory)
+    state_path = Path(save_directory) / STATE_NAME
+    if is_trainable and state_path.is_file():
+        _load_training_state(drlora, load_file(str(state_path)))
+    else:
+        _load_active(drlora, load_file(str(Path(save_directory) / WEIGHTS_NAME)), torch.tensor(meta["rank_map"]))
+    if config.train_router:
+        weights = load_file(str(Path(save_directory) / WEIGHTS_NAME))
+        for layer in drlora.moe_layers:
+            for pname, param in layer.router.named_parameters():
+                param.data.copy_(weights[f"{layer.router_name}.{pname}"])
+    if not is_trainable:
+        for param in drlora.parameters():
+            param.requires_grad_(False)
+        drlora.eval()
+    return drlora
+
+
+def _check_base(drlora, saved: dict, where) -> None:
+    ours = base_identity(drlora)
+    if saved["model_type"] != ours["model_type"]:
+        raise ValueError(f"the adapter in {where} was trained on a {saved['model_type']!r} model, not on this "
+                         f"{ours['model_type']!r} one; load it onto its own base model.")
+    if saved["moe_layers"] != ours["moe_layers"]:
+        for a, b in zip(saved["moe_layers"], ours["moe_layers"]):
+            if a != b:
+                raise ValueError(f"the adapter in {where} does not fit this model: MoE layer {a['name']} was "
+                                 f"{a}, this model has {b}; load it onto the base model it was trained on.")
+        raise ValueError(f"the adapter in {where} has {len(saved['moe_layers'])} MoE layers, this model has "
+                         f"{len(ours['moe_layers'])}; load it onto the base model it was trained on.")
+
+
+@torch.no_grad()
+def _load_active(drlora, tensors: dict[str, torch.Tensor], rank_map: torch.Tensor) -> None:
+    for layer, adapter, ranks in zip(drlora.moe_layers, drlora.adapters, rank_map.tolist()):
+        for proj, lora in adapter.projections.items():
+            a, b = tensors[f"{layer.name}.{proj}.lora_A"], tensors[f"{layer.name}.{proj}.lora_B"]
+            lora.rank_mask.copy_(torch.arange(lora.r_max) < torch.tensor(ranks)[:, None])
+            start = 0
+            for e, r in enumerate(ranks):
+                lora.lora_A[e, :r] = a[start:start + r].to(lora.lora_A)
+                lora.lora_B[e, :, :r] = b[:, start:start + r].to(lora.lora_B)
+                start += r
+    for name, module, _ in drlora._extra_handles:
+        module.dr_lora.lora_A.copy_(tensors[f"{name}.lora_A"])
+        module.dr_lora.lora_B.copy_(tensors[f"{name}.lora_B"])
+
+
+@torch.no_grad()
+def _load_training_state(drlora, state: dict[str, torch.Tensor]) -> None:
+    drlora.last_step.copy_(state["last_step"][0])
+    for layer, adapter in zip(drlora.moe_layers, drlora.adapters):
+        prefix = f"{layer.name}.dr_lora."
+        adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    for name, module, _ in drlora._extra_handles:
+        prefix = f"{name}.dr_lora."
+        module.dr_lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+@torch.no_grad()
+def merge_and_unload(drlora) -> nn.Module:
+    """Fold every ΔW into the base weights, remove drlora's modules and hooks, and return the plain model."""
+    for layer, adapter in zip(drlora.moe_layers, drlora.adapters):
+        experts = layer.experts
+        for proj, lora in adapter.projections.items():
+            delta = lora.delta_weight()  # [E, out, in]
+            if proj == "down":
+                weight = experts.down_proj
+            else:
+                weight = experts.gate_up_proj if layer.has_gate else experts.up_proj
+            sl = layer.out_slice(proj)
+            if layer.is_transposed:  # [E, in, out]
+                weight[:, :, sl] += delta.transpose(1, 2).to(weight.dtype)
+            else:  # [E, out, in]
+                weight[:, sl, :] += delta.to(weight.dtype)
+            lora.importance.detach_hooks()
+        del experts.dr_lora
+        del experts.forward  # back to the class's forward (transformers' dispatch)
+    for _, module, handle in drlora._extra_handles:
+        module.weight += module.dr_lora.delta_weight().to(module.weight.dtype)
+        handle.remove()
+        del module.dr_lora
+    drlora._extra_handles = []
+    return drlora.base_model
