@@ -32,3 +32,38 @@ def tiny_moe(family: str = "olmoe", dtype: torch.dtype = torch.float32, seed: in
     cfg = AutoConfig.for_model(family, **{**_COMMON, **FAMILY_OVERRIDES[family], **overrides})
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def token_batch(seed: int = 0, batch: int = 4, length: int = 16, vocab: int = 128) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=generator)
+
+
+def small_config(**overrides):
+    """A DR-LoRA config sized for tiny models: ranks 2 → 4 (of 8), three growth events in 12 steps."""
+    from drlora import DRLoRAConfig
+
+    values = dict(r_init=2, r_target=4, r_max=8, total_steps=12, growth_interval=3, warmup_ratio=0.1,
+                  max_grow_per_event=2, lora_dropout=0.0)
+    values.update(overrides)
+    return DRLoRAConfig(**values)
+
+
+def train(model, steps: int, lr: float = 1e-2, weight_decay: float = 0.0, start: int = 0, data_seed: int = 0,
+          optimizer=None):
+    """Plain loop: forward, backward, update_and_allocate, step. Returns the optimizer and the growth events."""
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    events = []
+    model.train()
+    for step in range(start, start + steps):
+        x = token_batch(seed=data_seed * 100_003 + step)
+        model(x, labels=x).loss.backward()
+        event = model.update_and_allocate(step)
+        if event is not None:
+            events.append(event)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return optimizer, events

@@ -1,0 +1,118 @@
+"""save_pretrained → load_dr_lora_model, merge_and_unload and resumable checkpoints reproduce the adapted model."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drlora import DRLoRAConfig, get_dr_lora_model, load_dr_lora_model
+from tiny_models import FAMILIES, small_config, tiny_moe, token_batch, train
+
+
+def logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x).logits.clone()
+
+
+def trained(family, steps=6, **overrides):
+    model = get_dr_lora_model(tiny_moe(family), small_config(**overrides))
+    train(model, steps=steps)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_reproduces_logits_and_stores_only_active_ranks(family, tmp_path):
+    model = trained(family, target_projections=("gate", "up", "down"))
+    x = token_batch(seed=7)
+    expected = logits(model, x)
+    model.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["rank_map"] == model.rank_map().tolist()
+    assert meta["base_model"]["model_type"] == family
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    layer = model.moe_layers[0]
+    assert tensors[f"{layer.name}.up.lora_A"].shape[0] == int(model.rank_map()[0].sum())
+    assert f"{layer.router_name}.weight" in tensors  # the router was trained
+    loaded = load_dr_lora_model(tiny_moe(family), tmp_path)
+    assert torch.equal(loaded.rank_map(), model.rank_map())
+    torch.testing.assert_close(logits(loaded, x), expected, atol=0, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(family):
+    model = trained(family, target_projections=("gate", "up", "down"))
+    x = token_batch(seed=7)
+    expected = logits(model, x)
+    merged = model.merge_and_unload()
+    assert not any("dr_lora" in name for name, _ in merged.named_modules())
+    assert all("forward" not in layer.experts.__dict__ for layer in model.moe_layers)
+    torch.testing.assert_close(logits(merged, x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_extra_target_modules_save_load_and_merge(tmp_path):
+    model = trained("qwen2_moe", extra_target_modules=("q_proj", "shared_expert.up_proj"))
+    x = token_batch(seed=3)
+    expected = logits(model, x)
+    assert len(model._extra_handles) == 4  # 2 layers x (q_proj, shared_expert.up_proj)
+    model.save_pretrained(tmp_path)
+    loaded = load_dr_lora_model(tiny_moe("qwen2_moe"), tmp_path)
+    torch.testing.assert_close(logits(loaded, x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(loaded.merge_and_unload(), x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_from_training_state_continues_identically(tmp_path):
+    config = dict(total_steps=12, growth_interval=3)
+    reference = get_dr_lora_model(tiny_moe("olmoe"), small_config(**config))
+    train(reference, steps=12)
+
+    first = get_dr_lora_model(tiny_moe("olmoe"), small_config(**config))
+    optimizer, _ = train(first, steps=5)
+    first.save_pretrained(tmp_path, include_training_state=True)
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")  # the trainer's job; test-only
+
+    resumed = load_dr_lora_model(tiny_moe("olmoe"), tmp_path, is_trainable=True)
+    assert int(resumed.last_step) == 4
+    params = [p for p in resumed.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    train(resumed, steps=7, start=5, optimizer=optimizer)
+    assert torch.equal(resumed.rank_map(), reference.rank_map())
+    for a, b in zip(resumed.expert_loras(), reference.expert_loras()):
+        torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.lora_B, b.lora_B, atol=1e-6, rtol=1e-6)
+
+
+def test_loading_onto_another_family_or_shape_is_refused(tmp_path):
+    trained("olmoe", steps=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trained on a 'olmoe' model, not on this 'mixtral'"):
+        load_dr_lora_model(tiny_moe("mixtral"), tmp_path)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_dr_lora_model(tiny_moe("olmoe", num_experts=4), tmp_path)
+
+
+def test_loading_a_folder_without_adapter_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a drlora adapter folder"):
+        load_dr_lora_model(tiny_moe("olmoe"), tmp_path)
+
+
+def test_unknown_config_key_in_a_saved_adapter_is_refused(tmp_path):
+    trained("olmoe", steps=1).save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["config"]["r_tagret"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown DRLoRAConfig key 'r_tagret'.*did you mean 'r_target'"):
+        load_dr_lora_model(tiny_moe("olmoe"), tmp_path)
+
+
+def test_save_leaves_no_temporary_files(tmp_path):
+    trained("olmoe", steps=1).save_pretrained(tmp_path, include_training_state=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "training_state.safetensors"]
+
+
+def test_config_round_trips_through_dict():
+    config = DRLoRAConfig(r_init=4, r_target=8, r_max=16, target_projections=("gate", "down"))
+    assert DRLoRAConfig.from_dict(config.to_dict()) == config
