@@ -117,8 +117,9 @@ def test_routing_counted_once_per_training_forward_not_in_eval_or_recompute(reen
     assert _step_tokens(model) == plain
 
 
-def test_routing_frequency_uses_the_weights_experts_receive():
-    model = get_dr_lora_model(tiny_moe("olmoe"), small_config())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routing_frequency_uses_the_weights_experts_receive(family):
+    model = get_dr_lora_model(tiny_moe(family), small_config())
     seen = {}
     experts = model.moe_layers[0].experts
     handle = experts.register_forward_pre_hook(lambda m, args: seen.setdefault("args", args))

@@ -25,11 +25,39 @@ FAMILY_OVERRIDES: dict[str, dict] = {
 
 FAMILIES = tuple(FAMILY_OVERRIDES)
 
+# More families decorated with use_experts_implementation, for the one-code-path smoke test.
+MORE_FAMILY_OVERRIDES: dict[str, dict] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                      head_dim=8),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                        n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, n_group=1,
+                        topk_group=1),
+    "granitemoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "phimoe": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    "qwen3_next": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16, intermediate_size=32, head_dim=8,
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                       linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                     first_k_dense_replace=0, head_dim=8, n_group=1, topk_group=1),
+    "nemotron_h": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
+                       head_dim=8, hybrid_override_pattern="E*", layers_block_type=["moe", "attention"],
+                       mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, n_group=1, topk_group=1,
+                       moe_shared_expert_intermediate_size=16),  # experts without a gate (has_gate=False)
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, intermediate_size=32,
+                         moe_layer_start_index=0),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, moe_intermediate_size=16, intermediate_size=16, head_dim=8),
+    "minimax": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
+                    layer_types=["full_attention", "full_attention"]),
+}
+
 
 def tiny_moe(family: str = "olmoe", dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
     """A tiny random MoE causal LM of `family` in eval mode."""
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **{**_COMMON, **FAMILY_OVERRIDES[family], **overrides})
+    family_overrides = FAMILY_OVERRIDES[family] if family in FAMILY_OVERRIDES else MORE_FAMILY_OVERRIDES[family]
+    cfg = AutoConfig.for_model(family, **{**_COMMON, **family_overrides, **overrides})
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     return model.eval()
 

@@ -129,11 +129,14 @@ def _describe(model: nn.Module, index: int, name: str, experts: nn.Module) -> Mo
 
 
 def _find_router(model: nn.Module, experts_name: str, num_experts: int, hidden: int):
-    """The router is the sibling of the experts module holding a [num_experts, hidden] weight."""
+    """The router is the sibling of the experts module that holds a [num_experts, hidden] weight (directly, or
+    inside it as in Hunyuan's `gate.wg`)."""
     parent_name = experts_name.rsplit(".", 1)[0] if "." in experts_name else ""
     parent = model.get_submodule(parent_name) if parent_name else model
+    experts = model.get_submodule(experts_name)
     for child_name, child in parent.named_children():
-        weight = getattr(child, "weight", None)
-        if isinstance(weight, torch.Tensor) and tuple(weight.shape) == (num_experts, hidden):
+        if child is experts:
+            continue
+        if any(tuple(p.shape) == (num_experts, hidden) for p in child.parameters()):
             return f"{parent_name}.{child_name}" if parent_name else child_name, child
     return None, None
