@@ -117,8 +117,40 @@ class DRLoRAModel(nn.Module):
         return None if self.router_trainable else torch.zeros_like(grad)
 
     # ---- nn.Module plumbing -----------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=None, **kwargs):
+        """The base model's forward. The named arguments are spelled out (as PEFT does) because the HF Trainer
+        keeps only the dataset columns that appear in the model's forward signature."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                     use_cache=use_cache, logits_to_keep=logits_to_keep)
+        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+    def _tied_aliases(self) -> set[str]:
+        """State-dict names that repeat an earlier tensor (tied weights such as lm_head = embed_tokens)."""
+        seen, aliases = set(), set()
+        for name, tensor in super().state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
+                aliases.add(name)
+            seen.add(id(tensor))
+        return aliases
+
+    def state_dict(self, *args, **kwargs):
+        """Without the aliases of tied weights: the HF Trainer saves a model that is not a PreTrainedModel with
+        safetensors, which refuses shared tensors; loading restores them through the tie."""
+        state = super().state_dict(*args, **kwargs)
+        for name in self._tied_aliases():
+            state.pop(name, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        aliases = self._tied_aliases()
+        missing = [k for k in result.missing_keys if k not in aliases]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"error loading the DRLoRAModel state: missing keys {missing[:5]}, unexpected keys "
+                               f"{result.unexpected_keys[:5]}.")
+        return type(result)(missing, result.unexpected_keys)
 
     def __getattr__(self, name: str):
         try:
