@@ -29,8 +29,8 @@ _warned_fallback = False
 def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type == "cuda":  # the CUDA kernel takes bfloat16 on SM >= 80
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     if x.device.type != "cpu":
         return False
     # the CPU kernel needs 16-byte aligned strides and data pointers
