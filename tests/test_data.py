@@ -84,3 +84,11 @@ def test_prepare_task_caches_files_in_drlora_home(tmp_path, monkeypatch):
         tasks.load_task("sqia", "test")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         tasks.load_task("siqa", "dev")
+
+
+def test_cli_reports_bad_input_in_one_line_with_exit_code_2(capsys):
+    from drlora.cli import main
+
+    assert main(["build-model", "tinyllama-moe"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "drlora: error: unknown builtin model 'tinyllama-moe'; the builtin model is 'smollm2-moe'."
