@@ -1,10 +1,31 @@
-"""DRLoRACallback inside transformers.Trainer: same schedule as the plain loop, total_steps from the Trainer."""
+"""DRLoRACallback inside transformers.Trainer: total_steps from the Trainer, growth on the schedule's steps, the exact
+budget, the router frozen through warmup, and the Trainer's own checkpoints (also of a tied-embedding model)."""
 
+import logging
+from types import SimpleNamespace
+
+import pytest
+import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from drlora import DRLoRACallback, get_dr_lora_model
 from tiny_models import small_config, tiny_moe, token_batch
+
+MAX_STEPS = 24
+NUM_EXPERTS, R_INIT, R_TARGET = 8, 2, 4
+# warmup ceil(0.2 * 24) = 5; events every 4 steps up to 24 - 4 = 20
+WARMUP, EVENTS = 5, (5, 9, 13, 17)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads make these runs 10x+ slower when
+    other processes compete for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -16,22 +37,27 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-class RouterWatch(TrainerCallback):
-    """Snapshots the routers after every optimizer step."""
+class StepWatch(TrainerCallback):
+    """Snapshots the routers, the rank map and one LoRA factor after every optimizer step."""
 
     def __init__(self, model):
-        self.model, self.history = model, []
+        self.model = model
+        self.routers, self.ranks, self.lora_B = [], [], []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.history.append([layer.router.weight.detach().clone() for layer in self.model.moe_layers])
+        self.routers.append([layer.router.weight.detach().clone() for layer in self.model.moe_layers])
+        self.ranks.append(self.model.rank_map())
+        self.lora_B.append(self.model.expert_loras()[0].lora_B.detach().clone())
 
 
-def run_trainer(tmp_path, max_steps=16, base=None, resume=None, **trainer_args):
+def run_trainer(output_dir, base=None, resume=None, **trainer_args):
+    # total_steps is left unset: the callback must take it from the Trainer
     model = get_dr_lora_model(base or tiny_moe("olmoe"), small_config(total_steps=None, growth_interval=4,
                                                                       warmup_ratio=0.2))
-    start = [layer.router.weight.detach().clone() for layer in model.moe_layers]
-    watch, callback = RouterWatch(model), DRLoRACallback()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4,
+    start = {"routers": [layer.router.weight.detach().clone() for layer in model.moe_layers],
+             "ranks": model.rank_map()}
+    watch, callback = StepWatch(model), DRLoRACallback()
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=MAX_STEPS, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                              **{"save_strategy": "no", **trainer_args})
     Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, watch]).train(
@@ -41,26 +67,58 @@ def run_trainer(tmp_path, max_steps=16, base=None, resume=None, **trainer_args):
 
 def test_trainer_follows_the_schedule_and_meets_the_budget(tmp_path):
     model, callback, watch, start = run_trainer(tmp_path)
-    assert model.drlora_config.total_steps == 16
-    schedule = model.schedule
-    assert schedule.warmup_steps == 4 and schedule.events == (4, 8, 12)
-    assert [e.step for e in callback.events] == list(schedule.events)
-    assert (model.rank_map().sum(-1) == 8 * 4).all()
-    # router: untouched through the warmup steps 0..3, trained from step 4 on
-    for step in range(schedule.warmup_steps):
-        assert all(torch.equal(a, b) for a, b in zip(watch.history[step], start))
-    assert all(not torch.equal(a, b) for a, b in zip(watch.history[-1], start))
+    assert model.drlora_config.total_steps == MAX_STEPS
+    assert model.schedule.warmup_steps == WARMUP and model.schedule.events == EVENTS
+    assert len(watch.ranks) == MAX_STEPS
+
+    # growth events at the schedule's steps, and only there; each spreads the remaining budget evenly
+    assert [e.step for e in callback.events] == list(EVENTS)
+    before = start["ranks"]
+    for step, ranks in enumerate(watch.ranks):
+        assert torch.equal(ranks, before) == (step not in EVENTS), step
+        before = ranks
+    per_event = [NUM_EXPERTS * R_INIT + 4 * (i + 1) for i in range(len(EVENTS))]  # 16 -> 20, 24, 28, 32
+    assert [e.ranks.sum(-1).tolist() for e in callback.events] == [[n, n] for n in per_event]
+    final = model.rank_map()
+    assert (final.sum(-1) == NUM_EXPERTS * R_TARGET).all()
+    assert len(set(final.flatten().tolist())) > 1  # heterogeneous
+
+    # the router (train_router=True by default) is untouched through warmup, trained from its first step on,
+    # while the LoRA trains from step 0
+    for step in range(WARMUP):
+        assert all(torch.equal(a, b) for a, b in zip(watch.routers[step], start["routers"])), step
+    assert all(not torch.equal(a, b) for a, b in zip(watch.routers[WARMUP], watch.routers[WARMUP - 1]))
+    assert all(not torch.equal(a, b) for a, b in zip(watch.routers[-1], watch.routers[WARMUP]))
+    assert watch.lora_B[0].abs().sum() > 0
+
+
+def test_callback_overrides_a_different_total_steps_in_the_config(caplog):
+    model = get_dr_lora_model(tiny_moe("olmoe"), small_config(total_steps=40, growth_interval=4, warmup_ratio=0.2))
+    assert model.schedule.total_steps == 40
+    with caplog.at_level(logging.WARNING, logger="drlora"):
+        DRLoRACallback().on_train_begin(None, SimpleNamespace(max_steps=MAX_STEPS), None, model=model)
+    assert model.drlora_config.total_steps == MAX_STEPS and model.schedule.events == EVENTS
+    assert "total_steps=40" in caplog.text
 
 
 def test_trainer_checkpoint_of_a_tied_model_resumes_to_the_same_adapter(tmp_path):
     def tied():
         return tiny_moe("mixtral", tie_word_embeddings=True)
 
-    full, _, _, _ = run_trainer(tmp_path / "a", base=tied(), save_strategy="steps", save_steps=6)
-    assert (tmp_path / "a" / "checkpoint-6" / "model.safetensors").is_file()
-    resumed, callback, _, _ = run_trainer(tmp_path / "a", base=tied(), resume=str(tmp_path / "a" / "checkpoint-6"))
-    assert [e.step for e in callback.events] == [8, 12]  # the events before step 6 came from the checkpoint
+    full, _, _, _ = run_trainer(tmp_path / "a", base=tied(), save_strategy="steps", save_steps=8)
+    checkpoint = tmp_path / "a" / "checkpoint-8"
+    # the Trainer saves a non-PreTrainedModel with safetensors.save_file(model.state_dict()), which refuses tensors
+    # that share memory: the state dict must leave out the tied alias (and carries the DR-LoRA state)
+    saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    assert "base_model.lm_head.weight" not in saved and "base_model.model.embed_tokens.weight" in saved
+    assert int(saved["last_step"]) == 7
+    assert any(k.endswith("rank_mask") for k in saved) and any(k.endswith("frequency.ema") for k in saved)
+
+    resumed, callback, _, _ = run_trainer(tmp_path / "a", base=tied(), resume=str(checkpoint))
+    assert resumed.base_model.lm_head.weight is resumed.base_model.model.embed_tokens.weight  # tie survived
+    assert [e.step for e in callback.events] == [9, 13, 17]  # the event at step 5 came from the checkpoint
     assert len(set(full.rank_map().flatten().tolist())) > 1
     assert torch.equal(resumed.rank_map(), full.rank_map())
     for a, b in zip(resumed.expert_loras(), full.expert_loras()):
+        torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(a.lora_B, b.lora_B, atol=1e-6, rtol=1e-6)
