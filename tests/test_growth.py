@@ -40,3 +40,12 @@ def test_importance_is_reset_after_each_growth_event():
     train(model, steps=1, start=2)  # step 2 is the first growth event
     for lora in model.expert_loras():
         assert lora.importance.ema_a.abs().sum() == 0 and lora.importance.ema_b.abs().sum() == 0
+
+
+def test_a_replayed_step_drops_its_statistics():
+    model = get_dr_lora_model(tiny_moe("olmoe"), small_config())
+    train(model, steps=2)
+    ema = [a.frequency.ema.clone() for a in model.adapters]
+    train(model, steps=1, start=1)  # step 1 again: ignored, and its sums must not leak into step 2
+    assert all(float(a.frequency.step_tokens) == 0 for a in model.adapters)
+    assert all(torch.equal(a.frequency.ema, e) for a, e in zip(model.adapters, ema))

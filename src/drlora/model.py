@@ -220,10 +220,12 @@ class DRLoRAModel(nn.Module):
         router's gradient away during warmup, and at a growth event activates new ranks. Returns the event, if any.
         """
         cfg, schedule = self.drlora_config, self.schedule
-        if global_step <= int(self.last_step):
-            return None  # already processed (e.g. a resumed run replaying a step)
         frequencies = [a.frequency for a in self.adapters]
         importances = [lora.importance for lora in self.expert_loras()]
+        if global_step <= int(self.last_step):  # already processed (a resumed run replaying a step): drop its sums
+            for signal in frequencies + importances:
+                signal.clear_step()
+            return None
         all_reduce_step_sums(frequencies, importances)
         for freq in frequencies:
             freq.update(cfg.beta_f)

@@ -50,6 +50,9 @@ class RoutingFrequency(nn.Module):
         """Fold this step's mean routing weight (0 for tokens that did not pick the expert) into the EMA."""
         mean = self.step_mass / self.step_tokens.clamp_min(1.0)
         self.ema.mul_(beta).add_(mean, alpha=1.0 - beta)
+        self.clear_step()
+
+    def clear_step(self) -> None:
         self.step_mass.zero_()
         self.step_tokens.zero_()
 
@@ -93,6 +96,9 @@ class RankImportance(nn.Module):
     def update(self, beta: float) -> None:
         self.ema_a.mul_(beta).add_(self.step_a.abs(), alpha=1.0 - beta)
         self.ema_b.mul_(beta).add_(self.step_b.abs(), alpha=1.0 - beta)
+        self.clear_step()
+
+    def clear_step(self) -> None:
         self.step_a.zero_()
         self.step_b.zero_()
 
