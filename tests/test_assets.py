@@ -29,12 +29,17 @@ def test_builtin_tasks_have_their_documented_disjoint_splits():
                     or keys["validation"] & keys["test"]), name
 
 
-def test_reduced_build_from_the_real_weights_equals_dense_and_reloads(tmp_path):
+def test_reduced_build_from_the_real_weights_is_deterministic_equals_dense_and_reloads(tmp_path):
+    from safetensors.torch import load_file
+
     from drlora.builtin.smollm2_moe import build, build_info, load_dense
 
     folder = build(tmp_path / "moe", num_moe_layers=2, calibration_tokens=512)
     info = build_info(folder)
     assert info["moe_layers"] == [28, 29] and info["max_abs_logit_difference_vs_dense"] < 1e-3
+    again = build(tmp_path / "again", num_moe_layers=2, calibration_tokens=512)
+    first, second = load_file(folder / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     dense, tokenizer = load_dense()
     x = tokenizer("Question: Where would you find a cat?\nAnswer: on a mat", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -92,3 +92,17 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(capsys):
     assert main(["build-model", "tinyllama-moe"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "drlora: error: unknown builtin model 'tinyllama-moe'; builtin models are smollm2-moe, smollm2."
+
+
+def test_written_files_get_normal_permissions_and_no_temporary_files_remain(tmp_path):
+    import os
+
+    from drlora.data import write_jsonl
+
+    umask = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "out" / "rows.jsonl", [{"prompt": "Q", "completion": "A"}])
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "out" / "rows.jsonl").stat().st_mode & 0o777) == oct(0o644)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["rows.jsonl"]

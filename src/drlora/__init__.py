@@ -6,7 +6,9 @@ from .allocator import GrowthSchedule, plan_growth, saliency  # noqa: E402
 from .callback import DRLoRACallback  # noqa: E402
 from .config import DRLoRAConfig  # noqa: E402
 from .model import DRLoRAModel, GrowthEvent, get_dr_lora_model  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .run_eval import evaluate_model  # noqa: E402
 from .saving import load_dr_lora_model  # noqa: E402
 
-__all__ = ["DRLoRAConfig", "DRLoRAModel", "DRLoRACallback", "GrowthEvent", "GrowthSchedule", "get_dr_lora_model",
-           "load_dr_lora_model", "plan_growth", "saliency", "__version__"]
+__all__ = ["DRLoRAConfig", "DRLoRAModel", "DRLoRACallback", "GrowthEvent", "GrowthSchedule", "evaluate_model",
+           "get_dr_lora_model", "load_dr_lora_model", "load_model", "plan_growth", "saliency", "__version__"]

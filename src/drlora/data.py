@@ -85,9 +85,6 @@ def read_jsonl(path, kinds: Iterable[str] = ("mc", "generation", "chat")) -> lis
 
 def write_jsonl(path, rows: Iterable[dict]) -> None:
     """Write rows atomically (temporary file, then rename)."""
-    from .saving import _atomic_write
+    from .fileio import write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora.layer import ParamWrapper
 from safetensors.torch import save_file
 
-from .saving import _atomic_write
+from .fileio import atomic_write
 
 
 def _padded_rank(model) -> int:
@@ -105,10 +105,10 @@ def export_peft(model, save_directory) -> None:
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     config = lora_config.to_dict()
     config["peft_type"] = "LORA"
-    _atomic_write(directory / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(_jsonable(config), indent=2)))
+    atomic_write(directory / "adapter_config.json", lambda p: Path(p).write_text(json.dumps(_jsonable(config), indent=2)))
 
 
 def _jsonable(value):

@@ -3,13 +3,13 @@ tasks or JSONL files, scored by drlora's own scorer or by lm-evaluation-harness 
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
 from .builtin import load_rows
+from .fileio import write_json
 from .loading import adapter_folder, load_model
 
 BACKENDS = ("drlora", "lm-eval")
@@ -53,15 +53,6 @@ def evaluate_model(model: str, tasks, split: str = "test", adapter=None, backend
     if output is not None:
         write_json(output, report)
     return report
-
-
-def write_json(path, data: dict) -> None:
-    """Write JSON atomically, creating the folder."""
-    from .saving import _atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def format_table(report: dict) -> str:

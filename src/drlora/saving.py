@@ -10,8 +10,6 @@ the masks, the EMAs of the growth signals and the last step, so a resumed run ma
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,23 +18,11 @@ from torch import nn
 
 from . import __version__
 from .config import DRLoRAConfig
+from .fileio import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 STATE_NAME = "training_state.safetensors"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so no reader sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _adapter_tensors(model) -> dict[str, torch.Tensor]:
@@ -85,10 +71,10 @@ def save_adapter(model, save_directory, include_training_state: bool = False) ->
             "config": model.drlora_config.to_dict(), "rank_map": model.rank_map().tolist(),
             "base_model": base_identity(model), "router_trained": model.drlora_config.train_router,
             "extra_modules": [name for name, _, _ in model._extra_handles]}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_adapter_tensors(model), p, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_adapter_tensors(model), p, metadata={"format": "pt"}))
     if include_training_state:
-        _atomic_write(directory / STATE_NAME, lambda p: save_file(_training_state(model), p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        atomic_write(directory / STATE_NAME, lambda p: save_file(_training_state(model), p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
 def read_adapter_config(save_directory) -> dict:
