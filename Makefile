@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# `make demo` builds the builtin MoE and fetches its task on first use (cached under $DRLORA_HOME).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,7 +22,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) examples/plain_loop.py
+	$(VENV)/bin/drlora train configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

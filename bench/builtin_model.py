@@ -131,7 +131,8 @@ def main():
     report = {"build": folder_info, "perplexity": {}, "max_abs_logit_difference": {}, "js_divergence": {}}
     for name, blocks in held_out.items():
         with torch.no_grad():
-            report["max_abs_logit_difference"][name] = (moe(blocks[:4]).logits - dense(blocks[:4]).logits).abs().max().item()
+            difference = (moe(blocks[:4]).logits - dense(blocks[:4]).logits).abs().max().item()
+        report["max_abs_logit_difference"][name] = difference
         report["perplexity"][name] = {"dense": perplexity(dense, blocks), "moe": perplexity(moe, blocks)}
         print(f"{name}: perplexity {report['perplexity'][name]}", flush=True)
     usage = {name: expert_usage(moe, blocks) for name, blocks in held_out.items()}

@@ -4,7 +4,6 @@ budget, the router frozen through warmup, and the Trainer's own checkpoints (als
 import logging
 from types import SimpleNamespace
 
-import pytest
 import safetensors.torch
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -16,16 +15,6 @@ MAX_STEPS = 24
 NUM_EXPERTS, R_INIT, R_TARGET = 8, 2, 4
 # warmup ceil(0.2 * 24) = 5; events every 4 steps up to 24 - 4 = 20
 WARMUP, EVENTS = 5, (5, 9, 13, 17)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads make these runs 10x+ slower when
-    other processes compete for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Tokens(torch.utils.data.Dataset):

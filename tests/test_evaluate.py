@@ -7,19 +7,10 @@ import torch
 from drlora import get_dr_lora_model
 from drlora.evaluate import (_encode_pair, evaluate_generation, evaluate_multiple_choice, evaluate_rows,
                              generate_predictions, loglikelihoods)
-from tiny_models import EOS, NEWLINE, WORDS, small_config, tiny_moe, train
+from tiny_models import EOS, NEWLINE, small_config, tiny_moe, train
 from tiny_models import tiny_tokenizer as tokenizer
 PROMPTS = ["the cat sat", "a big dog ran on the mat", "yes", "no no", "red blue", "the small red cat sat on a mat",
            "dog", "big", "on", "the mat", "small dog ran", "a cat", "blue yes no", "sat sat", "ran"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; with the CPU shared, more threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generation_model(seed: int = 0):
@@ -159,3 +150,15 @@ def test_a_drlora_wrapper_generates_through_its_base_model_and_keeps_its_modes()
     evaluate_generation(drlora, tok, rows, max_new_tokens=5, progress=False)
     evaluate_multiple_choice(drlora, tok, [{"prompt": "a", "choices": [" b", " c"], "label": 0}], progress=False)
     assert {name: module.training for name, module in drlora.named_modules()} == modes
+
+
+def test_pairs_with_the_same_input_share_one_forward_pass():
+    model, tok = tiny_moe("olmoe"), tokenizer()
+    pairs = [("the cat sat on the", c) for c in (" mat", " dog", " red")] + [("a big", " dog"), ("a big", " red cat")]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    scores = loglikelihoods(model, tok, pairs, batch_size=1, progress=False)
+    handle.remove()
+    assert len(calls) == 3  # one input for the three one-token answers, one per answer after "a big"
+    for (context, continuation), score in zip(pairs, scores):
+        assert abs(score - reference_loglikelihood(model, tok, context, continuation)) < 1e-4

@@ -4,7 +4,6 @@ sentence and exit code 2, and nothing is written."""
 import json
 
 import pytest
-import torch
 
 from drlora import get_dr_lora_model
 from drlora.cli import main

@@ -44,6 +44,52 @@ def _eval(args) -> int:
     return 0
 
 
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _train(args) -> int:
+    from .recipe.config import load_config
+    from .recipe.run import train
+
+    path, overrides = _split_config_args(args.items)
+    train(load_config(path, overrides))
+    return 0
+
+
+def _config(args) -> int:
+    from .recipe.config import describe, load_config
+
+    path, overrides = _split_config_args(args.items)
+    print(describe(load_config(path, overrides)), end="")
+    return 0
+
+
+def _report(args) -> int:
+    from .recipe.report import report
+
+    print(report(args.run_dir))
+    return 0
+
+
+def _export(args) -> int:
+    from .recipe.export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.format} export of {args.run_dir} to {out}")
+    return 0
+
+
+def _train_help() -> str:
+    from .recipe.config import RunConfig, describe
+
+    return ("Every key, its default and what it does (YAML; override any with key=value, e.g. "
+            "train.learning_rate=1e-4 drlora.r_target=16):\n\n" + describe(RunConfig()))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drlora", description="DR-LoRA for Mixture-of-Experts language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +130,31 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="e.g. cuda or cpu (default: where the model loads)")
     ev.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code")
     ev.set_defaults(run=_eval)
+
+    tr = commands.add_parser("train", help="fine-tune an MoE with DR-LoRA: drlora train [CONFIG.yaml] [key=value ...]",
+                             description="Fine-tune a Mixture-of-Experts model with DR-LoRA on transformers' Trainer "
+                                         "and write a run folder (config, adapter, metrics, rank map, checkpoints).",
+                             epilog=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
+                    help="a YAML config file and/or dotted overrides such as train.max_steps=100")
+    tr.set_defaults(run=_train)
+
+    cf = commands.add_parser("config", help="print the resolved training configuration with every key's help")
+    cf.add_argument("--show", action="store_true", help="print the resolved configuration (the default action)")
+    cf.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    cf.set_defaults(run=_config)
+
+    rp = commands.add_parser("report", help="re-draw a run's rank heatmap and print its summary")
+    rp.add_argument("run_dir", help="the output_dir of a drlora train run")
+    rp.set_defaults(run=_report)
+
+    ex = commands.add_parser("export", help="export a run as a PEFT adapter or a merged checkpoint")
+    ex.add_argument("run_dir", help="the output_dir of a drlora train run")
+    ex.add_argument("--format", required=True, choices=("peft", "merged"),
+                    help="peft: a vanilla PEFT adapter (PeftModel.from_pretrained); merged: a standalone checkpoint")
+    ex.add_argument("--out", required=True, help="folder to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ex.set_defaults(run=_export)
     return parser
 
 
@@ -94,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as err:
         print(f"drlora: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("drlora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -70,37 +70,47 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
                    progress: bool = True) -> list[float]:
     """Summed log p(continuation | context) for each (context, continuation), in batches.
 
-    The LM head runs only at the positions that predict a continuation token (`logits_to_keep` with the union of a
-    batch's positions): with a large vocabulary and short answers, full-sequence logits would cost about as much
-    as the rest of the forward pass and change nothing."""
+    Pairs whose model input is the same token sequence share one forward pass — in particular the choices of a
+    question whose answers are single tokens, all read off the one next-token distribution after the prompt
+    (lm-eval does the same). The LM head runs only at the positions that predict a continuation token
+    (`logits_to_keep` with the union of a batch's positions): with a large vocabulary and short answers,
+    full-sequence logits would cost about as much as the rest of the forward pass and change nothing."""
     device = next(model.parameters()).device
-    encoded = [_encode_pair(tokenizer, c, x) for c, x in pairs]
+    sequences = []
+    for context, continuation in pairs:
+        ctx, cont = _encode_pair(tokenizer, context, continuation)
+        seq = (ctx + cont)[-(max_length + 1):]
+        sequences.append((seq, min(len(cont), len(seq) - 1)))
+    shared: dict[tuple, list[int]] = {}  # model input (every token but the last) -> the pairs it scores
+    for index, (seq, _) in enumerate(sequences):
+        shared.setdefault(tuple(seq[:-1]), []).append(index)
+    inputs = sorted(shared, key=len, reverse=True)  # similar lengths together: little padding
     results = [0.0] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))  # less padding
     selective = _accepts_logits_to_keep(model)
     bar = tqdm(total=len(pairs), desc="scoring", disable=not progress, leave=False)
     with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            seqs = [(encoded[i][0] + encoded[i][1])[-(max_length + 1):] for i in chunk]
-            width = max(len(s) for s in seqs) - 1
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            width = max(len(tokens) for tokens in chunk)
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, :len(seq) - 1] = torch.tensor(seq[:-1])
-                mask[row, :len(seq) - 1] = 1
-            # the positions whose next-token prediction is scored, per row
-            spans = [range(len(seq) - 1 - len(encoded[i][1]), len(seq) - 1) for seq, i in zip(seqs, chunk)]
-            kept = sorted({p for span in spans for p in span}) if selective else list(range(width))
+            for row, tokens in enumerate(chunk):
+                ids[row, :len(tokens)] = torch.tensor(tokens)
+                mask[row, :len(tokens)] = 1
+            # per pair: its row and the positions whose next-token prediction is scored
+            scored = [(row, index, range(len(tokens) - sequences[index][1], len(tokens)))
+                      for row, tokens in enumerate(chunk) for index in shared[tokens]]
+            kept = sorted({p for _, _, span in scored for p in span}) if selective else list(range(width))
             column = {p: c for c, p in enumerate(kept)}
             extra = {"logits_to_keep": torch.tensor(kept, device=device)} if selective else {}
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
             logprobs = torch.log_softmax(logits.float(), -1)
-            for row, (seq, span) in enumerate(zip(seqs, spans)):
-                targets = torch.tensor(seq[-len(span):], device=device)
+            for row, index, span in scored:
+                seq, n = sequences[index]
+                targets = torch.tensor(seq[-n:], device=device)
                 columns = torch.tensor([column[p] for p in span], device=device)
-                results[chunk[row]] = float(logprobs[row, columns, targets].sum())
-            bar.update(len(chunk))
+                results[index] = float(logprobs[row, columns, targets].sum())
+            bar.update(len(scored))
     bar.close()
     return results
 

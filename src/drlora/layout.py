@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 # Families with routed experts that transformers does not dispatch through `use_experts_implementation`.

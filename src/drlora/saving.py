@@ -106,15 +106,35 @@ def load_dr_lora_model(model: nn.Module, save_directory, is_trainable: bool = Fa
     else:
         _load_active(drlora, load_file(str(Path(save_directory) / WEIGHTS_NAME)), torch.tensor(meta["rank_map"]))
     if config.train_router:
-        weights = load_file(str(Path(save_directory) / WEIGHTS_NAME))
-        for layer in drlora.moe_layers:
-            for pname, param in layer.router.named_parameters():
-                param.data.copy_(weights[f"{layer.router_name}.{pname}"])
+        _load_routers(drlora, save_directory)
     if not is_trainable:
         for param in drlora.parameters():
             param.requires_grad_(False)
         drlora.eval()
     return drlora
+
+
+def restore_training_state(drlora, save_directory) -> None:
+    """Load a resumable checkpoint (`save_pretrained(dir, include_training_state=True)`) into an existing
+    DRLoRAModel: every r_max rank, the masks, the EMAs of both growth signals, the last step and the routers — all a
+    resumed training run needs to make the same decisions as an uninterrupted one."""
+    meta = read_adapter_config(save_directory)
+    _check_base(drlora, meta["base_model"], save_directory)
+    state_path = Path(save_directory) / STATE_NAME
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{save_directory} has no {STATE_NAME}: it is an adapter, not a resumable "
+                                "checkpoint (save one with include_training_state=True).")
+    _load_training_state(drlora, load_file(str(state_path)))
+    if drlora.drlora_config.train_router:
+        _load_routers(drlora, save_directory)
+
+
+@torch.no_grad()
+def _load_routers(drlora, save_directory) -> None:
+    weights = load_file(str(Path(save_directory) / WEIGHTS_NAME))
+    for layer in drlora.moe_layers:
+        for pname, param in layer.router.named_parameters():
+            param.copy_(weights[f"{layer.router_name}.{pname}"])
 
 
 def _check_base(drlora, saved: dict, where) -> None:

@@ -110,7 +110,8 @@ def load_dense():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = ensure_built(DENSE_NAME)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def moe_layer_indices(num_layers: int, num_moe_layers: int) -> list[int]:

@@ -38,6 +38,9 @@ TASKS = {t.name: t for t in (
     BuiltinTask("sports", "sports_understanding", "world knowledge: is a sports statement plausible?", 300, 100,
                 question_prefix="Is the following sentence plausible? ", answer_prefix="\nAnswer:"),
     BuiltinTask("emqa", "elementary_math_qa/question_only", "math word problems (5-way)", 500, 200),
+    BuiltinTask("sentiment", "multiemo/all_sentence_en", "sentiment of a review sentence (4-way)", 500, 200,
+                question_prefix="Is the sentiment of this opinion positive, negative, neutral or ambivalent?\n"
+                                "Opinion: ", answer_prefix="\nSentiment:"),
 )}
 
 

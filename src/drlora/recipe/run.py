@@ -1,0 +1,235 @@
+"""`drlora train` as a function: data -> model -> DR-LoRA -> Trainer -> evaluation -> run folder.
+
+Everything that can be wrong with the input (configuration, data, model, schedule, output folder) is checked before
+the run folder is touched, so a refused run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import TrainerCallback, TrainingArguments, set_seed
+
+from ..builtin import load_rows
+from ..builtin.assets import cache_dir
+from ..builtin.tasks import TASKS
+from ..callback import DRLoRACallback
+from ..data import DataError
+from ..evaluate import evaluate_rows
+from ..fileio import write_json
+from ..loading import load_model, resolve_model
+from ..model import get_dr_lora_model
+from .config import RunConfig
+from .run_dir import RunFolder, explain_os_error
+from .sft_data import ExampleDataset, LeftPadCollator, build_examples
+from .trainer import (CheckpointMarker, DRLoRATrainer, FiniteGradientGuard, NonFiniteError, RunRecorder, loss_curve,
+                      newest_complete_checkpoint)
+
+EVAL_CACHE_VERSION = 1
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped before the end (a diverged loss); the run folder keeps its last good checkpoint."""
+
+
+def training_rows(config: RunConfig) -> list[dict]:
+    rows = []
+    for spec in config.data.train:
+        rows += load_rows(spec, "train", kinds=("mc", "generation", "chat"))
+    if not rows:
+        raise DataError("the training data holds no rows.")
+    return rows[:config.data.train_limit]
+
+
+def evaluation_sets(config: RunConfig) -> dict[str, list[dict]]:
+    """Named eval sets: data.eval, or by default the builtin tasks among data.train."""
+    specs = config.data.eval if config.data.eval is not None else [s for s in config.data.train if s in TASKS]
+    return {spec: load_rows(spec, config.data.eval_split)[:config.data.eval_limit] for spec in specs}
+
+
+def total_steps(config: RunConfig, num_examples: int, world_size: int) -> int:
+    """Optimizer steps of the run: train.max_steps, or train.epochs over the data (as the Trainer counts them)."""
+    t = config.train
+    if t.max_steps is not None:
+        return t.max_steps
+    batches_per_epoch = math.ceil(num_examples / (t.batch_size * world_size))
+    return max(1, math.ceil(t.epochs * batches_per_epoch / t.gradient_accumulation_steps))
+
+
+def _model_identity(spec: str) -> dict:
+    """What identifies a model's weights for the eval cache: its folder, config and weight files' sizes and times."""
+    folder = Path(resolve_model(spec))
+    if not folder.is_dir():
+        return {"id": str(spec)}
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+    return {"folder": str(folder.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+
+
+def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: str | None = None) -> dict:
+    """Scores per eval set; with `cache_for` (a model spec) the scores of an unmodified base model are cached."""
+    results = {}
+    for name, rows in sets.items():
+        key = None
+        if cache_for is not None:
+            identity = {"model": _model_identity(cache_for), "dtype": config.dtype, "rows": rows,
+                        "version": EVAL_CACHE_VERSION}
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+            cached = cache_dir() / "eval_cache" / f"{key}.json"
+            if cached.is_file():
+                results[name] = json.loads(cached.read_text())
+                print(f"drlora: {name}: base-model scores from the cache ({cached.name})", flush=True)
+                continue
+        print(f"drlora: evaluating on {name} ({config.data.eval_split if name in TASKS else 'file'}, "
+              f"{len(rows)} rows)", flush=True)
+        results[name] = evaluate_rows(model, tokenizer, rows, batch_size=config.train.eval_batch_size)
+        if key is not None:
+            write_json(cache_dir() / "eval_cache" / f"{key}.json", results[name])
+    return results
+
+
+class _Timer(TrainerCallback):
+    """Tokens and seconds of this session's training (a resumed run counts only what it ran itself)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.tokens_at_start = time.time(), state.num_input_tokens_seen
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.time() - self.start
+        self.tokens = state.num_input_tokens_seen - self.tokens_at_start
+        self.tokens_total = state.num_input_tokens_seen
+
+
+def _refuse_sharded_parameters() -> None:
+    """FSDP and ZeRO-3 shard the LoRA factors themselves; drlora's checkpoints and growth read them whole. Checked
+    from what `accelerate launch` sets, before anything is written."""
+    from accelerate.utils import DistributedType
+
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and config_file and Path(config_file).is_file():
+        stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage"))
+    if PartialState().distributed_type == DistributedType.FSDP or stage == "3":
+        raise ValueError("drlora train supports DDP and DeepSpeed ZeRO-1/2; FSDP and ZeRO-3 shard the parameters, "
+                         "which drlora's growth and checkpoints do not gather yet — use "
+                         "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml.")
+
+
+def _close_progress_bar(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
+def training_arguments(config: RunConfig, folder: RunFolder, steps: int, progress: bool) -> TrainingArguments:
+    import importlib.util
+
+    t = config.train
+    tensorboard = t.tensorboard if t.tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
+    if tensorboard:  # transformers' TensorBoard callback reads its folder from the environment
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(folder.logs))
+    return TrainingArguments(
+        output_dir=str(folder.checkpoints), max_steps=steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=math.ceil(t.warmup_ratio * steps),
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps,
+        save_strategy="steps", save_steps=t.save_steps or max(1, steps // 10), save_total_limit=t.save_total_limit,
+        seed=config.seed, data_seed=config.seed, report_to=["tensorboard"] if tensorboard else [],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16", remove_unused_columns=False,
+        logging_nan_inf_filter=False, include_num_input_tokens_seen="non_padding", disable_tqdm=not progress,
+        dataloader_num_workers=0, train_sampling_strategy="group_by_length")  # little padding
+
+
+def train(config: RunConfig, progress: bool = True) -> dict:
+    """Run the recipe; returns metrics.json's content. Raises ConfigError / DataError / ValueError / OSError with
+    one sentence for bad input (before writing anything) and TrainingStopped if the loss diverges."""
+    started = time.time()
+    folder = RunFolder(config.output_dir)
+    folder.check_claim(config)
+    if config.resume and not newest_complete_checkpoint(folder.checkpoints) and folder.config_file.is_file():
+        print(f"drlora: {folder.path} has no complete checkpoint yet; starting from the beginning", flush=True)
+    set_seed(config.seed)
+    train_rows, eval_sets = training_rows(config), evaluation_sets(config)
+    base, tokenizer = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    examples, data_stats = build_examples(tokenizer, train_rows, config.data.max_length)
+    steps = total_steps(config, len(examples), PartialState().num_processes)
+    args = training_arguments(config, folder, steps, progress)
+    model = get_dr_lora_model(base, config.drlora_config(steps))  # refuses dense models, infeasible schedules
+    _refuse_sharded_parameters()
+
+    state = PartialState()
+    main = state.is_main_process
+    if main:
+        folder.claim(config)
+    state.wait_for_everyone()
+    checkpoint = newest_complete_checkpoint(folder.checkpoints) if config.resume else None
+    eval_before, eval_seconds = None, {}
+    if main and config.data.eval_before and eval_sets:
+        clock = time.time()
+        eval_before = evaluate_sets(model, tokenizer, eval_sets, config, cache_for=config.model)
+        eval_seconds["before"] = round(time.time() - clock, 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    drlora_callback, timer = DRLoRACallback(model), _Timer()
+    recorder = RunRecorder(drlora_callback, folder.ranks_file, model)
+    trainer = DRLoRATrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                            data_collator=LeftPadCollator(pad), processing_class=tokenizer,
+                            callbacks=[FiniteGradientGuard(model), drlora_callback, recorder, CheckpointMarker(),
+                                       timer])
+    print(f"drlora: training {config.method} on {data_stats['rows']:,} rows ({data_stats['tokens']:,} tokens, "
+          f"{data_stats['truncated']} truncated) for {steps} steps; growth events at steps "
+          f"{', '.join(map(str, model.schedule.events)) or 'none'}"
+          + (f"; resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
+    try:
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            _close_progress_bar(trainer)  # an error must be the last thing printed, not a stale progress bar
+    except NonFiniteError as err:
+        last = newest_complete_checkpoint(folder.checkpoints)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise TrainingStopped(f"{err}; training stopped and {kept}; lower train.learning_rate (or raise "
+                              "train.warmup_ratio) and resume=true, or start over with overwrite=true.") from None
+    except OSError as err:  # a checkpoint could not be written: drop the incomplete one, keep the complete ones
+        if main:
+            folder.remove_incomplete_checkpoints()
+        raise OSError(explain_os_error(err, f"a checkpoint in {folder.checkpoints}")) from None
+    if not main:
+        return {}
+    clock = time.time()
+    eval_after = evaluate_sets(model, tokenizer, eval_sets, config) if eval_sets else None
+    eval_seconds["after"] = round(time.time() - clock, 1)
+    metrics = {
+        "status": "completed", "model": config.model, "method": config.method, "steps": steps,
+        "train_data": config.data.train, "eval_split": config.data.eval_split, "data": data_stats,
+        "wall_time_s": round(time.time() - started, 1), "train_time_s": round(timer.seconds, 1),
+        "tokens_seen": int(timer.tokens_total), "train_tokens_per_s": round(timer.tokens / max(timer.seconds, 1e-9), 1),
+        "train_loss": loss_curve(trainer.state.log_history), "eval_before": eval_before, "eval_after": eval_after,
+        "eval_seconds": eval_seconds,
+        "parameters": model.parameter_counts(), "rank_map": model.rank_map().tolist(),
+        "layer_names": [layer.name for layer in model.moe_layers], "growth_events": len(model.schedule.events),
+        "r_init": model.drlora_config.r_init, "r_target": model.drlora_config.r_target,
+        "r_max": model.drlora_config.r_max, "processes": args.world_size,
+        "rank_maps_checked_across_processes": recorder.processes_checked,
+    }
+    try:
+        folder.publish_adapter(model)
+        write_json(folder.metrics_file, metrics)
+    except OSError as err:
+        raise OSError(explain_os_error(err, f"the results in {folder.path}")) from None
+    from .report import draw_heatmap, summary
+
+    draw_heatmap(folder.path, folder.heatmap)
+    print(summary(folder.path), flush=True)
+    print(f"drlora: wrote {folder.path}/ (config.yaml, adapter/, metrics.json, ranks.jsonl, rank_heatmap.png, "
+          "checkpoints/)", flush=True)
+    return metrics
+

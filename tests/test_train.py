@@ -1,0 +1,208 @@
+"""`drlora train` end to end on a tiny MoE checkpoint: the run folder, its adapter and evaluation, the eval cache,
+companion commands, and every kind of bad input (one sentence, exit 2, nothing half-written)."""
+
+import errno
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from drlora.cli import main
+from drlora.recipe.config import load_config
+from drlora.recipe.run import train
+from drlora.run_eval import evaluate_model
+from tiny_models import WORDS, tiny_moe, tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def fresh_home(monkeypatch, tmp_path):
+    """The eval cache goes to a fresh $DRLORA_HOME."""
+    monkeypatch.setenv("DRLORA_HOME", str(tmp_path / "home"))
+
+
+def mc_rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.sample(WORDS, 2)
+        rows.append({"prompt": f"the {a} sat on", "choices": [f" {a}", f" {b} {b}"], "label": rng.randrange(2)})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model = tiny_moe("olmoe")
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    dense = __import__("transformers").AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.for_model(
+        "llama", vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+    dense.save_pretrained(root / "dense")
+    tiny_tokenizer().save_pretrained(root / "dense")
+    write_jsonl(root / "train.jsonl", mc_rows(48, 0))
+    write_jsonl(root / "eval.jsonl", mc_rows(16, 1))
+    return root
+
+
+def overrides(assets, out, *extra):
+    return [f"model={assets / 'model'}", f"data.train=[{assets / 'train.jsonl'}]",
+            f"data.eval=[{assets / 'eval.jsonl'}]",
+            f"output_dir={out}", "train.max_steps=12", "train.batch_size=4", "train.gradient_accumulation_steps=1",
+            "train.learning_rate=1e-2", "train.save_steps=4", "drlora.r_init=2", "drlora.r_target=4",
+            "drlora.r_max=8", "drlora.max_grow_per_event=2", "drlora.lora_dropout=0.1", *extra]
+
+
+def test_a_run_writes_its_folder_and_the_adapter_scores_as_recorded(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = train(load_config(None, overrides(assets, out)), progress=False)
+    printed = capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.yaml", "adapter", "ranks.jsonl", "metrics.json", "rank_heatmap.png", "checkpoints"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 12
+    events = [json.loads(line) for line in (out / "ranks.jsonl").read_text().splitlines()]
+    assert len(events) == metrics["growth_events"] > 1 and events[-1]["ranks"] == metrics["rank_map"]
+    assert all(sum(layer) == 8 * 4 for layer in metrics["rank_map"])  # exact budget
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["train_loss"]["first"] is not None and metrics["tokens_seen"] > 0
+    assert set(metrics["parameters"]) == {"active", "reserved", "trainable", "total"}
+    assert metrics["parameters"]["active"] < metrics["parameters"]["reserved"] < metrics["parameters"]["trainable"]
+    task = str(assets / "eval.jsonl")
+    assert set(metrics["eval_before"][task]) == {"acc", "acc_norm", "n"}
+    # the published adapter, loaded the way `drlora eval --adapter RUN_DIR` loads it, scores what the run recorded
+    again = evaluate_model(str(assets / "model"), task, adapter=out, progress=False)["results"][task]
+    assert {k: again[k] for k in ("acc", "acc_norm", "n")} == metrics["eval_after"][task]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-12", "checkpoint-8"]
+    assert all((out / "checkpoints" / c / "drlora_complete").is_file() for c in checkpoints)
+    assert "acc" in printed and "where the ranks went" in printed and "drlora step" in printed
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
+
+
+def test_base_model_scores_are_cached_between_runs(assets, tmp_path, capsys):
+    first = train(load_config(None, overrides(assets, tmp_path / "a", "train.max_steps=4")), progress=False)
+    capsys.readouterr()
+    second = train(load_config(None, overrides(assets, tmp_path / "b", "train.max_steps=4", "seed=1")), progress=False)
+    assert "base-model scores from the cache" in capsys.readouterr().out
+    assert first["eval_before"] == second["eval_before"]
+
+
+def test_report_and_export_commands(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *overrides(assets, out, "train.max_steps=8")]) == 0
+    (out / "rank_heatmap.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "where the ranks went" in capsys.readouterr().out and (out / "rank_heatmap.png").is_file()
+    for fmt in ("peft", "merged"):
+        assert main(["export", str(out), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+    assert main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # both load with plain transformers / PEFT (no drlora) and compute what the adapter computes
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from drlora.loading import load_model
+
+    with_adapter, _ = load_model(str(assets / "model"), adapter=out)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        expected = with_adapter(x).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        base = AutoModelForCausalLM.from_pretrained(assets / "model")
+        peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        torch.testing.assert_close(merged(x).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(peft(x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+# ---- bad input: one sentence, exit 2, nothing half-written -----------------------------------------------------------
+def run_cli(capsys, argv):
+    code = main(["train", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing data", "does not exist; pass a JSONL file or a builtin task name"),
+    ("empty data", "holds no rows"),
+    ("malformed row", "line 2: not valid JSON"),
+    ("dense model", "no routed experts found in this 'llama' model"),
+    ("not a checkpoint", "is not a transformers checkpoint folder"),
+    ("unknown key", "unknown config key 'train.lerning_rate' (did you mean 'learning_rate'?)"),
+    ("typo value", "did you mean 'cosine'?"),
+    ("infeasible schedule", "the growth schedule cannot reach r_target"),
+    ("nothing to resume", "holds no run to resume"),
+])
+def test_bad_input_before_training_leaves_nothing(assets, tmp_path, capsys, case, message):
+    out = tmp_path / "run"
+    data = {"missing data": [f"data.train=[{tmp_path / 'nope.jsonl'}]"],
+            "empty data": [f"data.train=[{write_jsonl(tmp_path / 'empty.jsonl', [])}]"],
+            "malformed row": [f"data.train=[{tmp_path / 'bad.jsonl'}]"],
+            "dense model": [f"model={assets / 'dense'}"],
+            "not a checkpoint": [f"model={tmp_path}"],
+            "unknown key": ["train.lerning_rate=1"],
+            "typo value": ["train.lr_scheduler=cosin"],
+            "infeasible schedule": ["train.max_steps=2", "drlora.max_grow_per_event=1"],
+            "nothing to resume": ["resume=true"]}[case]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "choices": [" b", " c"], "label": 0}\n{"prompt": \n')
+    code, err = run_cli(capsys, overrides(assets, out, *data))
+    assert code == 2 and err.startswith("drlora: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_an_output_dir_holding_another_run_is_refused_unless_told(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *overrides(assets, out, "train.max_steps=4")]) == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    code, err = run_cli(capsys, overrides(assets, out, "train.max_steps=4"))
+    assert code == 2 and "already holds a run; pass resume=true to continue it, overwrite=true" in err
+    code, err = run_cli(capsys, overrides(assets, out, "train.max_steps=4", "train.learning_rate=0.5", "resume=true"))
+    assert code == 2 and "cannot resume the run" in err and "train.learning_rate was 0.01, now 0.5" in err
+    assert sorted(p.name for p in out.rglob("*")) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    code, err = run_cli(capsys, overrides(assets, tmp_path / "other", "train.max_steps=4"))
+    assert code == 2 and "is not empty and holds no drlora run" in err
+    assert main(["train", *overrides(assets, out, "train.max_steps=4", "overwrite=true", "seed=3")]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+
+
+def test_a_diverging_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, overrides(assets, out, "train.learning_rate=1e30", "train.save_steps=1",
+                                          "train.max_grad_norm=0"))
+    assert code == 2 and ("loss became nan" in err or "loss became inf" in err or "non-finite" in err), err
+    assert "training stopped and the last good checkpoint is" in err and "lower train.learning_rate" in err
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    checkpoints = [p for p in (out / "checkpoints").iterdir()]
+    assert checkpoints and all((c / "drlora_complete").is_file() for c in checkpoints)
+
+
+def test_an_unwritable_output_folder(assets, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = run_cli(capsys, overrides(assets, blocker / "run"))
+    assert code == 2 and "cannot write the run folder" in err
+
+
+def test_a_full_disk_while_saving_leaves_no_partial_output(assets, tmp_path, capsys, monkeypatch):
+    import drlora.saving
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(drlora.saving, "save_file", full)
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, overrides(assets, out, "train.max_steps=4", "train.save_steps=100"))
+    assert code == 2 and "the disk is full while writing" in err and "resume=true" in err, err
+    assert not (out / "adapter").exists() and not (out / "adapter.partial").exists()
+    assert not list(out.rglob("*.tmp")) and not (out / "metrics.json").exists()
