@@ -14,8 +14,8 @@ from drlora import get_dr_lora_model, lm_eval_backend  # noqa: E402
 from drlora.evaluate import (evaluate_generation, evaluate_multiple_choice, generate_predictions,  # noqa: E402
                              loglikelihoods)
 from drlora.lm_eval_backend import _lm_eval, evaluate_with_lm_eval, run_lm_eval, write_task  # noqa: E402
-from test_evaluate import PROMPTS, WORDS, generation_model, tokenizer  # noqa: E402
-from tiny_models import small_config, tiny_moe, train  # noqa: E402
+from test_evaluate import PROMPTS, generation_model, tokenizer  # noqa: E402
+from tiny_models import WORDS, small_config, tiny_moe, train  # noqa: E402
 
 
 def mc_rows(n: int = 16, seed: int = 0):
