@@ -4,6 +4,8 @@ companion commands, and every kind of bad input (one sentence, exit 2, nothing h
 import errno
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,21 +109,24 @@ def test_report_and_export_commands(assets, tmp_path, capsys):
         assert main(["export", str(out), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
     assert main(["export", str(out), "--format", "peft", "--out", str(tmp_path / "peft")]) == 2
     assert "already exists" in capsys.readouterr().err
-    # both load with plain transformers / PEFT (no drlora) and compute what the adapter computes
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    # both load with plain transformers / PEFT in a process that never imports drlora, and compute what the
+    # adapter computes
     from drlora.loading import load_model
 
     with_adapter, _ = load_model(str(assets / "model"), adapter=out)
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
-        expected = with_adapter(x).logits
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-        base = AutoModelForCausalLM.from_pretrained(assets / "model")
-        peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
-        torch.testing.assert_close(merged(x).logits, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(peft(x).logits, expected, atol=1e-4, rtol=1e-4)
+        torch.save({"x": x, "logits": with_adapter(x).logits}, tmp_path / "expected.pt")
+    code = ("import sys, torch; from peft import PeftModel; from transformers import AutoModelForCausalLM as M; "
+            "e = torch.load(sys.argv[1]); merged = M.from_pretrained(sys.argv[2]).eval(); "
+            "peft = PeftModel.from_pretrained(M.from_pretrained(sys.argv[3]), sys.argv[4]).eval(); "
+            "torch.testing.assert_close(merged(e['x']).logits, e['logits'], atol=1e-4, rtol=1e-4); "
+            "torch.testing.assert_close(peft(e['x']).logits, e['logits'], atol=1e-4, rtol=1e-4); "
+            "assert 'drlora' not in sys.modules; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "expected.pt"), str(tmp_path / "merged"),
+                             str(assets / "model"), str(tmp_path / "peft")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
 # ---- bad input: one sentence, exit 2, nothing half-written -----------------------------------------------------------
@@ -133,6 +138,7 @@ def run_cli(capsys, argv):
 
 @pytest.mark.parametrize("case, message", [
     ("missing data", "does not exist; pass a JSONL file or a builtin task name"),
+    ("unreadable data", "it must be a UTF-8 text file"),
     ("empty data", "holds no rows"),
     ("malformed row", "line 2: not valid JSON"),
     ("dense model", "no routed experts found in this 'llama' model"),
@@ -145,6 +151,7 @@ def run_cli(capsys, argv):
 def test_bad_input_before_training_leaves_nothing(assets, tmp_path, capsys, case, message):
     out = tmp_path / "run"
     data = {"missing data": [f"data.train=[{tmp_path / 'nope.jsonl'}]"],
+            "unreadable data": [f"data.train=[{tmp_path / 'binary.jsonl'}]"],
             "empty data": [f"data.train=[{write_jsonl(tmp_path / 'empty.jsonl', [])}]"],
             "malformed row": [f"data.train=[{tmp_path / 'bad.jsonl'}]"],
             "dense model": [f"model={assets / 'dense'}"],
@@ -154,6 +161,7 @@ def test_bad_input_before_training_leaves_nothing(assets, tmp_path, capsys, case
             "infeasible schedule": ["train.max_steps=2", "drlora.max_grow_per_event=1"],
             "nothing to resume": ["resume=true"]}[case]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "choices": [" b", " c"], "label": 0}\n{"prompt": \n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     code, err = run_cli(capsys, overrides(assets, out, *data))
     assert code == 2 and err.startswith("drlora: error: ") and message in err, err
     assert not out.exists()

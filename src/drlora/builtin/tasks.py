@@ -91,15 +91,25 @@ def task_dir(name: str) -> Path:
     return cache_dir() / "tasks" / name
 
 
+def _is_prepared(name: str) -> bool:
+    return all((task_dir(name) / f"{s}.jsonl").is_file() for s in SPLITS)
+
+
 def prepare_task(name: str, task_json_path: Path | None = None) -> Path:
-    """Convert (fetching BIG-bench on first use) and cache a builtin task; returns its folder of split files."""
+    """Convert (fetching BIG-bench on first use) and cache a builtin task; returns its folder of split files.
+
+    A fetch streams the whole 358 MB archive anyway, so it keeps the files of every builtin task not yet cached."""
     if name not in TASKS:
         raise _unknown(name)
     task, folder = TASKS[name], task_dir(name)
-    if all((folder / f"{s}.jsonl").is_file() for s in SPLITS):
+    if _is_prepared(name):
         return folder
     if task_json_path is None:
-        task_json_path = _fetch_bigbench([task])[task.name]
+        fetched = _fetch_bigbench([t for t in TASKS.values() if not _is_prepared(t.name)])
+        for other, path in fetched.items():
+            if other != name:
+                prepare_task(other, path)
+        task_json_path = fetched[name]
     rows = convert(task, json.loads(Path(task_json_path).read_text(encoding="utf-8")))
     for split_name, split_rows in split(task, rows).items():
         write_jsonl(folder / f"{split_name}.jsonl", split_rows)
@@ -123,7 +133,7 @@ def _fetch_bigbench(tasks) -> dict[str, Path]:
 
 def prepare_all() -> dict[str, Path]:
     """Fetch BIG-bench once for every builtin task that is not cached yet."""
-    todo = [t for t in TASKS.values() if not all((task_dir(t.name) / f"{s}.jsonl").is_file() for s in SPLITS)]
+    todo = [t for t in TASKS.values() if not _is_prepared(t.name)]
     paths = _fetch_bigbench(todo) if todo else {}
     return {name: prepare_task(name, paths.get(name)) for name in TASKS}
 
