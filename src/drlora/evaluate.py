@@ -72,7 +72,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
 
     Pairs whose model input is the same token sequence share one forward pass — in particular the choices of a
     question whose answers are single tokens, all read off the one next-token distribution after the prompt
-    (lm-eval does the same). The LM head runs only at the positions that predict a continuation token
+    (lm-eval does the same), and a choice whose input is a prefix of another choice's is read off that longer
+    forward (`_share_inputs`). The LM head runs only at the positions that predict a continuation token
     (`logits_to_keep` with the union of a batch's positions): with a large vocabulary and short answers,
     full-sequence logits would cost about as much as the rest of the forward pass and change nothing."""
     device = next(model.parameters()).device
@@ -81,9 +82,7 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
         ctx, cont = _encode_pair(tokenizer, context, continuation)
         seq = (ctx + cont)[-(max_length + 1):]
         sequences.append((seq, min(len(cont), len(seq) - 1)))
-    shared: dict[tuple, list[int]] = {}  # model input (every token but the last) -> the pairs it scores
-    for index, (seq, _) in enumerate(sequences):
-        shared.setdefault(tuple(seq[:-1]), []).append(index)
+    shared = _share_inputs(pairs, sequences)
     inputs = sorted(shared, key=len, reverse=True)  # similar lengths together: little padding
     results = [0.0] * len(pairs)
     selective = _accepts_logits_to_keep(model)
@@ -98,8 +97,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
                 ids[row, :len(tokens)] = torch.tensor(tokens)
                 mask[row, :len(tokens)] = 1
             # per pair: its row and the positions whose next-token prediction is scored
-            scored = [(row, index, range(len(tokens) - sequences[index][1], len(tokens)))
-                      for row, tokens in enumerate(chunk) for index in shared[tokens]]
+            scored = [(row, index, range(own - sequences[index][1], own))
+                      for row, tokens in enumerate(chunk) for index, own in shared[tokens]]
             kept = sorted({p for _, _, span in scored for p in span}) if selective else list(range(width))
             column = {p: c for c, p in enumerate(kept)}
             extra = {"logits_to_keep": torch.tensor(kept, device=device)} if selective else {}
@@ -113,6 +112,25 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             bar.update(len(scored))
     bar.close()
     return results
+
+
+def _share_inputs(pairs, sequences) -> dict[tuple, list[tuple[int, int]]]:
+    """Model input -> the pairs it scores, as (pair index, length of the pair's own input).
+
+    A pair's input is its sequence minus the last token. Pairs with the same input share it; and since attention is
+    causal, an input that is a prefix of another input of the same context is scored inside the longer one's forward
+    (e.g. the single-token answer ' positive' is read off the forward of the prompt + ' amb' of ' ambivalent'). Only
+    inputs of one context are compared, which is where such prefixes occur, so the cost stays linear."""
+    by_context: dict[str, dict[tuple, list[int]]] = {}
+    for index, ((context, _), (seq, _)) in enumerate(zip(pairs, sequences)):
+        by_context.setdefault(context, {}).setdefault(tuple(seq[:-1]), []).append(index)
+    shared: dict[tuple, list[tuple[int, int]]] = {}
+    for inputs in by_context.values():
+        longest_first = sorted(inputs, key=len, reverse=True)
+        for position, tokens in enumerate(longest_first):
+            host = next((h for h in longest_first[:position] if h[:len(tokens)] == tokens), tokens)
+            shared.setdefault(host, []).extend((index, len(tokens)) for index in inputs[tokens])
+    return shared
 
 
 def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int = 8, progress: bool = True) -> dict:
