@@ -9,10 +9,16 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: test demo setup clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# drlora and its runtime dependencies: all `make demo` needs.
+$(VENV)/.core: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# plus pytest and lm-evaluation-harness (the optional `eval` extra, whose agreement with our scorer is tested).
+$(VENV)/.installed: $(VENV)/.core
 	$(PY) -m pip install --quiet -e ".[test,eval]"
 	touch $@
 
@@ -21,7 +27,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
-demo: setup
+demo: $(VENV)/.core
 	$(VENV)/bin/drlora train configs/demo.yaml
 
 clean:
