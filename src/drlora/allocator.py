@@ -161,3 +161,85 @@ def plan_growth(scores: torch.Tensor, ranks: torch.Tensor, *, r_target: int, r_m
 def _descending(row: torch.Tensor) -> list[int]:
     """Expert indices by descending score; equal scores keep index order (deterministic everywhere)."""
     return [int(i) for i in torch.sort(-row.double(), stable=True).indices]
+
+
+# ---- the baselines' allocations (issue 5): same budget, other rules ---------------------------------------------------
+def _largest_remainder(shares: list[float], total: int, caps: list[int]) -> list[int]:
+    """Integers proportional to `shares` summing to `total`, each at most its cap (water-filling: what a capped entry
+    cannot take goes to the others in proportion). Ties go to the lower index, so the result is deterministic."""
+    n = len(shares)
+    if total > sum(caps):
+        raise ValueError(f"cannot place {total} ranks under caps summing to {sum(caps)}.")
+    alloc = [0] * n
+    free = [i for i in range(n) if caps[i] > 0]
+    left = total
+    while left > 0 and free:
+        weight = sum(max(shares[i], 0.0) for i in free)
+        ideal = {i: left * (max(shares[i], 0.0) / weight if weight > 0 else 1.0 / len(free)) for i in free}
+        capped = [i for i in free if alloc[i] + ideal[i] >= caps[i]]
+        if capped:  # saturate those and share the rest again
+            for i in capped:
+                left -= caps[i] - alloc[i]
+                alloc[i] = caps[i]
+            free = [i for i in free if i not in capped]
+            continue
+        floors = {i: math.floor(ideal[i]) for i in free}
+        for i in free:
+            alloc[i] += floors[i]
+        left -= sum(floors.values())
+        by_remainder = sorted(free, key=lambda i: (-(ideal[i] - floors[i]), i))
+        for i in by_remainder[:left]:
+            alloc[i] += 1
+        left = 0
+    return alloc
+
+
+def proportional_ranks(frequency: torch.Tensor, *, r_target: int, r_max: int) -> torch.Tensor:
+    """Static allocation by routing frequency: ranks ∝ f per layer, `num_experts * r_target` per layer exactly,
+    each in [0, r_max]. `frequency` is [num_layers, num_experts]; returns LongTensor of the same shape."""
+    num_layers, num_experts = frequency.shape
+    rows = [_largest_remainder([float(v) for v in frequency[layer]], num_experts * r_target, [r_max] * num_experts)
+            for layer in range(num_layers)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def esft_ranks(scores: torch.Tensor, *, top_p: float, r_target: int) -> torch.Tensor:
+    """ESFT: per layer, the experts with the highest scores until they cover `top_p` of the layer's score mass are
+    adapted, sharing the layer's budget `num_experts * r_target` evenly; the others get rank 0. (The caller sizes
+    r_max to the largest rank this returns.)"""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+    num_layers, num_experts = scores.shape
+    ranks = torch.zeros(num_layers, num_experts, dtype=torch.long)
+    for layer in range(num_layers):
+        share = _normalise(scores[layer:layer + 1].double())[0]
+        chosen, covered = [], 0.0
+        for e in _descending(share):
+            chosen.append(e)
+            covered += float(share[e])
+            if covered >= top_p - 1e-12:
+                break
+        split = _largest_remainder([1.0] * len(chosen), num_experts * r_target, [num_experts * r_target] * len(chosen))
+        for e, r in zip(chosen, split):
+            ranks[layer, e] = r
+    return ranks
+
+
+def cubic_budget(event_index: int, num_events: int, start: int, end: int) -> int:
+    """AdaLoRA's cubic schedule over the pruning events: the budget after event k (0-based) of n is
+    end + (start - end) · (1 - (k + 1) / n)³ — fast pruning first, gentle near the end, exactly `end` at the last."""
+    progress = (event_index + 1) / num_events
+    return end + math.floor((start - end) * (1.0 - progress) ** 3)
+
+
+def plan_pruning(scores: torch.Tensor, active: torch.Tensor, keep: int) -> torch.Tensor:
+    """Rank slots to keep in one layer: the `keep` active slots of highest score (ties: lower expert, then lower rank
+    index). `scores` and `active` are [num_experts, r_max]; returns the new boolean mask."""
+    flat_active = active.reshape(-1).bool()
+    if keep >= int(flat_active.sum()):
+        return active.clone().bool()
+    order = torch.sort(-scores.reshape(-1).double(), stable=True).indices
+    kept = torch.zeros_like(flat_active)
+    candidates = [int(i) for i in order if flat_active[i]]
+    kept[candidates[:keep]] = True
+    return kept.reshape(active.shape)

@@ -10,6 +10,8 @@ from typing import Any
 
 PROJECTIONS = ("gate", "up", "down")
 IMPORTANCE_MODES = ("product", "sum")
+ALLOCATIONS = ("grow", "fixed", "prune")
+SIGNALS = ("routing*importance", "importance", "routing")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs):
@@ -51,6 +53,12 @@ class DRLoRAConfig:
     gamma: float = _help("Rank penalty exponent: saliency is f * g / (r + 1) ** gamma.", 1.2)
     importance: str = _help("How the A-side and B-side sensitivities of a rank combine: 'product' (paper) or "
                             "'sum' (authors' code).", "product")
+    allocation: str = _help(
+        "How ranks change: 'grow' (DR-LoRA: from r_init by saliency to r_target), 'fixed' (set once before training, "
+        "uniform r_target unless the model is given a rank map — the LoRA, static and ESFT baselines) or 'prune' "
+        "(AdaLoRA-style: from r_max, pruned by importance to r_target on a cubic schedule).", "grow")
+    signal: str = _help("What the saliency multiplies: 'routing*importance' (DR-LoRA), 'importance' alone "
+                        "(IncreLoRA-like ablation) or 'routing' alone.", "routing*importance")
     train_router: bool = _help("Train the router after warmup (it is in the optimizer from the start and gated "
                                "during warmup). False keeps it frozen throughout.", True)
     seed: int = _help("Seed of the LoRA initialisation (identical on every process).", 0)
@@ -73,6 +81,11 @@ class DRLoRAConfig:
         return max(1, math.ceil(0.1 * (self.r_max - self.r_init)))
 
     @property
+    def initial_rank(self) -> int:
+        """Active rank of every expert before training: r_init (grow), r_target (fixed) or r_max (prune)."""
+        return {"grow": self.r_init, "fixed": self.r_target, "prune": self.r_max}[self.allocation]
+
+    @property
     def extra_rank(self) -> int:
         return self.r_target if self.extra_r is None else self.extra_r
 
@@ -83,9 +96,15 @@ class DRLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not self.r_init <= self.r_target <= self.r_max:
+        for name, value, choices in (("allocation", self.allocation, ALLOCATIONS), ("signal", self.signal, SIGNALS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}" + _did_you_mean(str(value), choices))
+        if self.allocation == "grow" and not self.r_init <= self.r_target <= self.r_max:
             raise ValueError(f"ranks must satisfy r_init <= r_target <= r_max, got r_init={self.r_init}, "
                              f"r_target={self.r_target}, r_max={self.r_max}.")
+        if self.allocation != "grow" and not self.r_target <= self.r_max:
+            raise ValueError(f"ranks must satisfy r_target <= r_max, got r_target={self.r_target}, "
+                             f"r_max={self.r_max}.")
         if self.extra_r is not None and (not isinstance(self.extra_r, int) or self.extra_r < 1):
             raise ValueError(f"extra_r must be a positive integer or None, got {self.extra_r!r}.")
         if self.max_grow_per_event is not None and (not isinstance(self.max_grow_per_event, int)
@@ -127,8 +146,15 @@ class DRLoRAConfig:
                              "DRLoRACallback, which takes it from the Trainer.")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {steps!r}.")
-        return GrowthSchedule.build(steps, self.growth_interval, self.warmup_ratio, self.r_init, self.r_target,
-                                    self.grow_per_event)
+        if self.allocation == "fixed":  # no events; the warmup still gates the router
+            return GrowthSchedule(steps, math.ceil(self.warmup_ratio * steps), self.growth_interval, ())
+        start = self.r_target if self.allocation == "prune" else self.r_init  # pruning has no per-event cap
+        schedule = GrowthSchedule.build(steps, self.growth_interval, self.warmup_ratio, start, self.r_target,
+                                        self.grow_per_event)
+        if self.allocation == "prune" and self.r_target < self.r_max and not schedule.events:
+            raise ValueError(f"allocation='prune' needs at least one pruning event, but {steps} steps with "
+                             f"growth_interval {self.growth_interval} give none; lower growth_interval.")
+        return schedule
 
     # ---- (de)serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

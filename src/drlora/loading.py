@@ -36,6 +36,16 @@ def adapter_folder(path) -> Path:
                             "pass an adapter folder saved with save_pretrained or a drlora run folder.")
 
 
+def is_peft_adapter(folder) -> bool:
+    """Whether an adapter folder holds a PEFT adapter (its config names a peft_type) rather than a drlora one."""
+    import json
+
+    try:
+        return "peft_type" in json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(spec: str, adapter=None, dtype="auto", device=None, trust_remote_code: bool = False):
     """(model, tokenizer) for `spec` (see `drlora.builtin.resolve_model`), with a drlora adapter if given.
 
@@ -55,7 +65,12 @@ def load_model(spec: str, adapter=None, dtype="auto", device=None, trust_remote_
         model.to(device)
     model.eval()
     if adapter is not None:
+        folder = adapter_folder(adapter)
+        if is_peft_adapter(folder):  # a peft-lora baseline run, or a `drlora export --format peft`
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, folder, is_trainable=False).eval(), tokenizer
         from .saving import load_dr_lora_model
 
-        model = load_dr_lora_model(model, adapter_folder(adapter), is_trainable=False)
+        model = load_dr_lora_model(model, folder, is_trainable=False)
     return model, tokenizer

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .allocator import GrowthSchedule, plan_growth, saliency
+from .allocator import GrowthSchedule, cubic_budget, plan_growth, plan_pruning, saliency
 from .config import DRLoRAConfig
 from .layer import ExpertLoRA, ExpertsAdapter, LinearLoRA, dr_lora_experts_forward
 from .layout import MoELayer, family_of, find_moe_layers
@@ -29,9 +29,11 @@ class GrowthEvent:
     layers_below_target: int
 
     def summary(self) -> str:
-        return (f"drlora step {self.step}: grew {int(self.grown.sum())} rank(s) on "
-                f"{int((self.grown > 0).sum())} expert(s); mean rank {self.ranks.float().mean():.2f}; "
-                f"{self.layers_below_target} layer(s) below target")
+        pruned = int(self.grown.sum()) < 0
+        verb, changed = ("pruned", -self.grown) if pruned else ("grew", self.grown)
+        return (f"drlora step {self.step}: {verb} {int(changed.sum())} rank(s) on "
+                f"{int((changed > 0).sum())} expert(s); mean rank {self.ranks.float().mean():.2f}; "
+                f"{self.layers_below_target} layer(s) {'above' if pruned else 'below'} target")
 
 
 class DRLoRAModel(nn.Module):
@@ -72,7 +74,7 @@ class DRLoRAModel(nn.Module):
             for p_index, proj in enumerate(cfg.target_projections):
                 geom = layer.geometry(proj)
                 loras[proj] = ExpertLoRA(layer.num_experts, geom.in_features, geom.out_features, cfg.r_max,
-                                         cfg.r_init, cfg.scaling, cfg.lora_dropout,
+                                         cfg.initial_rank, cfg.scaling, cfg.lora_dropout,
                                          seed=_mix(cfg.seed, layer.index, p_index), dtype=weight.dtype,
                                          device=weight.device)
             layer.experts.dr_lora = ExpertsAdapter(layer, loras)
@@ -234,7 +236,9 @@ class DRLoRAModel(nn.Module):
         if not schedule.router_trainable(global_step):
             for param in self._router_params:
                 param.grad = None  # the optimizer skips it: no update, no weight decay
-        event = self._grow(global_step) if schedule.is_event(global_step) else None
+        event = None
+        if schedule.is_event(global_step):
+            event = self._prune(global_step) if cfg.allocation == "prune" else self._grow(global_step)
         self.last_step.fill_(global_step)
         return event
 
@@ -243,12 +247,51 @@ class DRLoRAModel(nn.Module):
         cfg = self.drlora_config
         freq = torch.stack([a.frequency.ema.float().cpu() for a in self.adapters])
         imp = torch.stack([self._layer_importance(a).cpu() for a in self.adapters])
+        if cfg.signal == "importance":  # a constant term normalises to uniform: it drops out of the ranking
+            freq = torch.ones_like(freq)
+        elif cfg.signal == "routing":
+            imp = torch.ones_like(imp)
         return saliency(freq, imp, self.rank_map(), cfg.gamma)
 
     def _layer_importance(self, adapter: ExpertsAdapter) -> torch.Tensor:
         mode = self.drlora_config.importance
         per_proj = [lora.importance.per_expert(mode, lora.rank_mask).float() for lora in adapter.projections.values()]
         return torch.stack(per_proj).mean(0)
+
+    def _prune(self, step: int) -> GrowthEvent:
+        """AdaLoRA-style: keep each layer's highest-importance rank slots, down to the cubic schedule's budget."""
+        cfg, schedule = self.drlora_config, self.schedule
+        before = self.rank_map()
+        index = schedule.events.index(step)
+        for adapter in self.adapters:
+            loras = list(adapter.projections.values())
+            num_experts = loras[0].num_experts
+            keep = cubic_budget(index, schedule.num_events, num_experts * cfg.r_max, num_experts * cfg.r_target)
+            scores = torch.stack([lora.importance.per_rank(cfg.importance).float() for lora in loras]).mean(0)
+            mask = plan_pruning(scores.cpu(), loras[0].rank_mask.cpu(), keep)
+            for lora in loras:
+                lora.rank_mask.copy_(mask.to(lora.rank_mask.device))
+        ranks = self.rank_map()
+        above = int((ranks.sum(-1) != ranks.shape[-1] * cfg.r_target).sum())
+        event = GrowthEvent(step, ranks - before, ranks, self.saliency(), above)
+        logger.info(event.summary())
+        return event
+
+    @torch.no_grad()
+    def set_rank_map(self, ranks: torch.Tensor) -> None:
+        """Fix every expert's active rank before training (allocation='fixed': the static and ESFT baselines).
+        `ranks` is [num_moe_layers, num_experts]; the budget is the caller's choice and shows in parameter_counts."""
+        if self.drlora_config.allocation != "fixed":
+            raise ValueError("set_rank_map needs allocation='fixed'; growing and pruning runs decide their own ranks.")
+        ranks = torch.as_tensor(ranks, dtype=torch.long)
+        expected = (len(self.adapters), self.adapters[0].frequency.ema.numel())
+        if tuple(ranks.shape) != expected or int(ranks.min()) < 0 or int(ranks.max()) > self.drlora_config.r_max:
+            raise ValueError(f"a rank map must be {list(expected)} with ranks in [0, r_max={self.drlora_config.r_max}], "
+                             f"got shape {list(ranks.shape)} and ranks {int(ranks.min())}..{int(ranks.max())}.")
+        for adapter, row in zip(self.adapters, ranks):
+            for lora in adapter.projections.values():
+                lora.rank_mask.copy_(torch.arange(lora.r_max, device=lora.rank_mask.device) < row.to(
+                    lora.rank_mask.device)[:, None])
 
     def _grow(self, step: int) -> GrowthEvent:
         cfg = self.drlora_config

@@ -28,11 +28,12 @@ STATE_NAME = "training_state.safetensors"
 def _adapter_tensors(model) -> dict[str, torch.Tensor]:
     tensors = {}
     for layer, adapter in zip(model.moe_layers, model.adapters):
-        ranks = adapter.ranks().tolist()
         for proj, lora in adapter.projections.items():
             key = f"{layer.name}.{proj}"
-            tensors[f"{key}.lora_A"] = torch.cat([lora.lora_A[e, :r] for e, r in enumerate(ranks)]).contiguous()
-            tensors[f"{key}.lora_B"] = torch.cat([lora.lora_B[e, :, :r] for e, r in enumerate(ranks)], 1).contiguous()
+            mask = lora.rank_mask  # the active slots, wherever they are (pruning leaves gaps); loading packs them low
+            tensors[f"{key}.lora_A"] = torch.cat([lora.lora_A[e][mask[e]] for e in range(lora.num_experts)]).contiguous()
+            tensors[f"{key}.lora_B"] = torch.cat([lora.lora_B[e][:, mask[e]] for e in range(lora.num_experts)],
+                                                 1).contiguous()
     for name, module, _ in model._extra_handles:
         tensors[f"{name}.lora_A"] = module.dr_lora.lora_A.contiguous()
         tensors[f"{name}.lora_B"] = module.dr_lora.lora_B.contiguous()

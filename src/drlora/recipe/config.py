@@ -21,7 +21,11 @@ import yaml
 
 from ..config import DRLoRAConfig
 
-METHODS = ("dr-lora",)
+# method -> the engine settings it fixes (drlora.recipe.methods builds the model)
+METHOD_SETTINGS = {"dr-lora": {}, "importance-only": {"signal": "importance"}, "lora": {"allocation": "fixed"},
+                   "static-freq": {"allocation": "fixed"}, "esft": {"allocation": "fixed"},
+                   "adalora-prune": {"allocation": "prune"}, "peft-lora": {"allocation": "fixed"}}
+METHODS = tuple(METHOD_SETTINGS)
 SPLITS = ("train", "validation", "test")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
               "inverse_sqrt", "warmup_stable_decay")
@@ -71,9 +75,22 @@ class TrainingConfig:
 
 
 @dataclass
+class BaselineConfig:
+    calibration_rows: int = _opt(128, "static-freq and esft: training rows whose routing is measured before "
+                                      "training.")
+    esft_top_p: float = _opt(0.5, "esft: adapt the experts covering this share of each layer's routing score (ESFT "
+                                  "used 0.1-0.2 with 64 fine-grained experts; 0.5 keeps about half of 8).")
+    esft_score: str = _opt("gate", "esft: 'gate' (mean routing weight) or 'token' (share of tokens routed).",
+                           ("gate", "token"))
+
+
+@dataclass
 class RunConfig:
     model: str = _opt("builtin:smollm2-moe", "builtin:smollm2-moe or a local transformers MoE checkpoint folder.")
-    method: str = _opt("dr-lora", "Adaptation method.", METHODS)
+    method: str = _opt("dr-lora", "Rank allocation: dr-lora, or a baseline at the same budget (see "
+                                  "drlora.recipe.methods): importance-only, lora, static-freq, esft, adalora-prune, "
+                                  "peft-lora.",
+                       METHODS)
     output_dir: str = _opt("runs/drlora", "The run folder: config, adapter, metrics, rank map, checkpoints.")
     overwrite: bool = _opt(False, "Replace whatever run output_dir holds.")
     resume: bool = _opt(False, "Continue the run in output_dir from its newest checkpoint.")
@@ -83,13 +100,17 @@ class RunConfig:
     trust_remote_code: bool = _opt(False, "Allow a checkpoint's own Python code (off unless you ask).")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "What to train and evaluate on."})
     train: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "The optimisation."})
+    baseline: BaselineConfig = field(default_factory=BaselineConfig,
+                                     metadata={"help": "Settings of the baseline methods."})
     drlora: dict = field(default_factory=dict, metadata={"help": "DRLoRAConfig fields (growth_interval may be "
                                                                  "'auto'); see below."})
 
     # ---- derived ------------------------------------------------------------------------------------------------
-    def drlora_config(self, total_steps: int) -> DRLoRAConfig:
-        """The engine's configuration for a run of `total_steps` optimizer steps (validates the schedule)."""
-        values = {**drlora_defaults(), **self.drlora, "seed": self.seed, "total_steps": total_steps}
+    def drlora_config(self, total_steps: int, **method_settings) -> DRLoRAConfig:
+        """The engine's configuration for a run of `total_steps` optimizer steps (validates the schedule);
+        `method_settings` are what the method fixes (e.g. allocation='fixed')."""
+        values = {**drlora_defaults(), **self.drlora, **method_settings, "seed": self.seed,
+                  "total_steps": total_steps}
         if values["growth_interval"] == "auto":
             values["growth_interval"] = auto_growth_interval(total_steps)
         return DRLoRAConfig.from_dict(values)
@@ -242,6 +263,16 @@ def load_config(path=None, overrides: list[str] = ()) -> RunConfig:
     return config
 
 
+def config_from_mappings(*mappings: dict) -> RunConfig:
+    """The resolved configuration from nested mappings applied in order over the defaults (what a YAML file holds),
+    with the same checks as `load_config`."""
+    config = RunConfig()
+    for mapping in mappings:
+        _apply(config, mapping)
+    validate(config)
+    return config
+
+
 def validate(config: RunConfig) -> None:
     """Values that are of the right type but cannot work."""
     t, d = config.train, config.data
@@ -261,13 +292,20 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"train.learning_rate must be a positive number, got {t.learning_rate}.")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
+    if config.baseline.calibration_rows < 1:
+        raise ConfigError(f"baseline.calibration_rows must be at least 1, got {config.baseline.calibration_rows}.")
+    if not 0 < config.baseline.esft_top_p <= 1:
+        raise ConfigError(f"baseline.esft_top_p must be in (0, 1], got {config.baseline.esft_top_p}.")
+    fixed = {"allocation", "signal"} & set(config.drlora)
+    if fixed and config.method != "dr-lora":
+        raise ConfigError(f"method={config.method} sets drlora.{min(fixed)} itself; remove that key.")
     if not d.train:
         raise ConfigError("data.train is empty; name a builtin task or a JSONL file.")
     if config.overwrite and config.resume:
         raise ConfigError("overwrite=true and resume=true contradict each other; choose one.")
     growth = {**drlora_defaults(), **config.drlora}["growth_interval"]
     try:  # the engine's own checks, with a placeholder run length where the real one is not known yet
-        DRLoRAConfig.from_dict({**drlora_defaults(), **config.drlora,
+        DRLoRAConfig.from_dict({**drlora_defaults(), **config.drlora, **METHOD_SETTINGS[config.method],
                                 "growth_interval": 1 if growth == "auto" else growth, "seed": config.seed})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"drlora: {err}") from None

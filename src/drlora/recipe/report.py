@@ -114,7 +114,8 @@ def heatmap_figure(run_dir):
     FigureCanvasAgg(fig)
     heat, growth = fig.subplots(1, 2, width_ratios=[left, 6])
 
-    norm = Normalize(r_init, r_max if r_max > r_init else r_init + 1)
+    low = min(r_init, int(ranks.min()))  # pruning and the static baselines go below the starting rank
+    norm = Normalize(low, r_max if r_max > low else low + 1)
     image = heat.imshow(ranks, cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=heat, label="LoRA rank", shrink=0.9)
     rows, cols = _thinned(n_layers), _thinned(n_experts)

@@ -25,12 +25,19 @@ from ..data import DataError
 from ..evaluate import evaluate_rows
 from ..fileio import write_json
 from ..loading import load_model, resolve_model
-from ..model import get_dr_lora_model
 from .config import RunConfig
+from .methods import build_method_model, build_peft_model
 from .run_dir import RunFolder, explain_os_error
 from .sft_data import ExampleDataset, LeftPadCollator, build_examples
-from .trainer import (CheckpointMarker, DRLoRATrainer, FiniteGradientGuard, NonFiniteError, RunRecorder, loss_curve,
-                      newest_complete_checkpoint)
+from .trainer import (
+    CheckpointMarker,
+    DRLoRATrainer,
+    FiniteGradientGuard,
+    NonFiniteError,
+    RunRecorder,
+    loss_curve,
+    newest_complete_checkpoint,
+)
 
 EVAL_CACHE_VERSION = 1
 
@@ -149,6 +156,14 @@ def training_arguments(config: RunConfig, folder: RunFolder, steps: int, progres
         dataloader_num_workers=0, train_sampling_strategy="group_by_length")  # little padding
 
 
+def _accounting(model) -> dict:
+    """The budget and where it went, for metrics.json."""
+    cfg = model.drlora_config
+    return {"parameters": model.parameter_counts(), "rank_map": model.rank_map().tolist(),
+            "layer_names": [layer.name for layer in model.moe_layers], "growth_events": len(model.schedule.events),
+            "r_init": cfg.initial_rank, "r_target": cfg.r_target, "r_max": cfg.r_max}
+
+
 def train(config: RunConfig, progress: bool = True) -> dict:
     """Run the recipe; returns metrics.json's content. Raises ConfigError / DataError / ValueError / OSError with
     one sentence for bad input (before writing anything) and TrainingStopped if the loss diverges."""
@@ -163,7 +178,13 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     examples, data_stats = build_examples(tokenizer, train_rows, config.data.max_length)
     steps = total_steps(config, len(examples), PartialState().num_processes)
     args = training_arguments(config, folder, steps, progress)
-    model = get_dr_lora_model(base, config.drlora_config(steps))  # refuses dense models, infeasible schedules
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    peft = config.method == "peft-lora"
+    if peft:
+        model, accounting = build_peft_model(config, base, steps)
+        method_details = {}
+    else:  # refuses dense models and infeasible schedules
+        model, method_details = build_method_model(config, base, examples, steps, pad)
     _refuse_sharded_parameters()
 
     state = PartialState()
@@ -177,16 +198,21 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         clock = time.time()
         eval_before = evaluate_sets(model, tokenizer, eval_sets, config, cache_for=config.model)
         eval_seconds["before"] = round(time.time() - clock, 1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    drlora_callback, timer = DRLoRACallback(model), _Timer()
-    recorder = RunRecorder(drlora_callback, folder.ranks_file, model)
+    timer, recorder = _Timer(), None
+    callbacks = [FiniteGradientGuard(model), CheckpointMarker(), timer]
+    if not peft:
+        drlora_callback = DRLoRACallback(model)
+        recorder = RunRecorder(drlora_callback, folder.ranks_file, model)
+        callbacks[1:1] = [drlora_callback, recorder]
     trainer = DRLoRATrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
-                            data_collator=LeftPadCollator(pad), processing_class=tokenizer,
-                            callbacks=[FiniteGradientGuard(model), drlora_callback, recorder, CheckpointMarker(),
-                                       timer])
+                            data_collator=LeftPadCollator(pad), processing_class=tokenizer, callbacks=callbacks)
+    if peft:
+        schedule = "vanilla PEFT LoRA, ranks fixed"
+    else:
+        kind = "pruning" if model.drlora_config.allocation == "prune" else "growth"
+        schedule = f"{kind} events at steps {', '.join(map(str, model.schedule.events)) or 'none'}"
     print(f"drlora: training {config.method} on {data_stats['rows']:,} rows ({data_stats['tokens']:,} tokens, "
-          f"{data_stats['truncated']} truncated) for {steps} steps; growth events at steps "
-          f"{', '.join(map(str, model.schedule.events)) or 'none'}"
+          f"{data_stats['truncated']} truncated) for {steps} steps; {schedule}"
           + (f"; resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
     try:
         try:
@@ -214,11 +240,9 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         "tokens_seen": int(timer.tokens_total), "train_tokens_per_s": round(timer.tokens / max(timer.seconds, 1e-9), 1),
         "train_loss": loss_curve(trainer.state.log_history), "eval_before": eval_before, "eval_after": eval_after,
         "eval_seconds": eval_seconds,
-        "parameters": model.parameter_counts(), "rank_map": model.rank_map().tolist(),
-        "layer_names": [layer.name for layer in model.moe_layers], "growth_events": len(model.schedule.events),
-        "r_init": model.drlora_config.r_init, "r_target": model.drlora_config.r_target,
-        "r_max": model.drlora_config.r_max, "processes": args.world_size,
-        "rank_maps_checked_across_processes": recorder.processes_checked,
+        **(accounting if peft else _accounting(model)), "processes": args.world_size,
+        "method_details": method_details,
+        "rank_maps_checked_across_processes": recorder.processes_checked if recorder else None,
     }
     try:
         folder.publish_adapter(model)

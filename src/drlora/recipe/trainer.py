@@ -39,12 +39,25 @@ def _unwrap(model):
 
 
 class DRLoRATrainer(Trainer):
+    """The Trainer, checkpointing a DRLoRAModel compactly (any other model, e.g. the peft-lora baseline's
+    PeftModel, is checkpointed the Trainer's own way)."""
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from ..model import DRLoRAModel
+
+        model = _unwrap(self.model)
+        if not isinstance(model, DRLoRAModel):
+            return super()._save(output_dir, state_dict)
         if self.args.should_save:
-            _unwrap(self.model).save_pretrained(output_dir or self.args.output_dir, include_training_state=True)
+            model.save_pretrained(output_dir or self.args.output_dir, include_training_state=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        restore_training_state(_unwrap(model or self.model), resume_from_checkpoint)
+        from ..model import DRLoRAModel
+
+        model = _unwrap(model or self.model)
+        if not isinstance(model, DRLoRAModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        restore_training_state(model, resume_from_checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -1,0 +1,58 @@
+"""Routing statistics of a model on some data, measured before training (the static and ESFT baselines need them).
+
+Forward pre-hooks on every fused-experts module read the top-k indices and weights the experts are called with —
+the same tensors DR-LoRA's routing frequency uses, so k and the weights are right for every family — and padding
+tokens are left out. Every process measures the same rows, so every process allocates the same ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .evaluate import eval_mode
+from .layout import find_moe_layers
+
+
+@torch.no_grad()
+def measure_routing(model, sequences: list[list[int]], batch_size: int = 8, pad_token_id: int = 0) -> dict:
+    """{"gate": [L, E] mean routing weight per token (0 where not selected), "token": [L, E] fraction of tokens that
+    select the expert, "tokens": count} over `sequences` of token ids (ESFT's gate and token scores)."""
+    if not sequences:
+        raise ValueError("no sequences to measure the routing on; give at least one training row.")
+    layers = find_moe_layers(model)
+    device = next(model.parameters()).device
+    mass = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
+    hits = torch.zeros_like(mass)
+    state = {"keep": None}
+
+    def hook_for(index):
+        def hook(module, args, kwargs):
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            top_k_weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
+            keep = state["keep"]
+            if keep is not None and keep.numel() == top_k_index.shape[0]:
+                top_k_index, top_k_weights = top_k_index[keep], top_k_weights[keep]
+            flat = top_k_index.reshape(-1).cpu()
+            mass[index].index_add_(0, flat, top_k_weights.detach().reshape(-1).double().cpu())
+            hits[index].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        return hook
+
+    handles = [layer.experts.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    tokens = 0
+    try:
+        with eval_mode(model):
+            for start in range(0, len(sequences), batch_size):
+                chunk = sequences[start:start + batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for row, seq in enumerate(chunk):
+                    ids[row, :len(seq)] = torch.tensor(seq)
+                    mask[row, :len(seq)] = 1
+                state["keep"] = mask.reshape(-1).bool().to(device)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+                tokens += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"gate": (mass / tokens).float(), "token": (hits / tokens).float(), "tokens": tokens}
