@@ -7,8 +7,7 @@ import sys
 
 
 def _build_model(args) -> int:
-    from .builtin import MODELS
-    from .builtin import smollm2_moe
+    from .builtin import MODELS, smollm2_moe
 
     if args.name not in MODELS:
         raise ValueError(f"unknown builtin model {args.name!r}; builtin models are {', '.join(MODELS)}.")
@@ -75,6 +74,13 @@ def _report(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .recipe.compare import compare
+
+    compare(args.spec, overwrite=args.overwrite, dry_run=args.dry_run)
+    return 0
+
+
 def _export(args) -> int:
     from .recipe.export import export_run
 
@@ -88,6 +94,12 @@ def _train_help() -> str:
 
     return ("Every key, its default and what it does (YAML; override any with key=value, e.g. "
             "train.learning_rate=1e-4 drlora.r_target=16):\n\n" + describe(RunConfig()))
+
+
+def _compare_help() -> str:
+    from .recipe import compare
+
+    return "The spec format and what compare writes:\n\n" + compare.__doc__.split("\n\n", 1)[1]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,6 +159,17 @@ def _parser() -> argparse.ArgumentParser:
     rp = commands.add_parser("report", help="re-draw a run's rank heatmap and print its summary")
     rp.add_argument("run_dir", help="the output_dir of a drlora train run")
     rp.set_defaults(run=_report)
+
+    cm = commands.add_parser("compare", help="train methods × tasks × seeds with drlora train and tabulate them",
+                             description="Run every (method, task, seed) of a spec through drlora train (resumably: "
+                                         "finished runs are skipped) and write results.csv, results.md, results.png "
+                                         "and rank_heatmaps.png into its output_dir.",
+                             epilog=_compare_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    cm.add_argument("spec", help="the compare spec (YAML), e.g. configs/compare/example.yaml")
+    cm.add_argument("--overwrite", action="store_true",
+                    help="redo the runs whose folder holds another configuration (the spec changed)")
+    cm.add_argument("--dry-run", action="store_true", help="print the plan (every run and its state) and exit")
+    cm.set_defaults(run=_compare)
 
     ex = commands.add_parser("export", help="export a run as a PEFT adapter or a merged checkpoint")
     ex.add_argument("run_dir", help="the output_dir of a drlora train run")

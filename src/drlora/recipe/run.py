@@ -142,7 +142,7 @@ def training_arguments(config: RunConfig, folder: RunFolder, steps: int, progres
     t = config.train
     tensorboard = t.tensorboard if t.tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
     if tensorboard:  # transformers' TensorBoard callback reads its folder from the environment
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(folder.logs))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder.logs)  # this run's, also when one process runs several
     return TrainingArguments(
         output_dir=str(folder.checkpoints), max_steps=steps, per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=t.learning_rate,

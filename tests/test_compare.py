@@ -1,0 +1,196 @@
+"""`drlora compare` end to end on a tiny MoE: the run folders are ordinary `drlora train` runs, the tables are
+computed from them, a second compare skips finished runs and resumes unfinished ones, a changed spec is refused
+(unless overwrite), and a bad spec fails with one sentence before anything is written."""
+
+import csv
+import json
+import random
+import statistics
+
+import pytest
+import yaml
+from tiny_models import WORDS, tiny_moe, tiny_tokenizer
+
+from drlora.cli import main
+from drlora.recipe.compare import compare, markdown_from_csv
+from drlora.recipe.config import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def fresh_home(monkeypatch, tmp_path):
+    """The eval cache goes to a fresh $DRLORA_HOME."""
+    monkeypatch.setenv("DRLORA_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    model = tiny_moe("olmoe")
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):
+        a, b = rng.sample(WORDS, 2)
+        rows.append({"prompt": f"the {a} sat on", "choices": [f" {a}", f" {b}"], "label": rng.randrange(2)})
+    (root / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_spec(assets, out, **changes) -> dict:
+    spec = {"output_dir": str(out),
+            "config": {"model": str(assets / "model"),  # lr: enough for the two seeds to score differently
+                       "train": {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 1,
+                                 "learning_rate": 5e-2, "save_steps": 2},
+                       "drlora": {"r_init": 2, "r_target": 4, "r_max": 8, "max_grow_per_event": 2}},
+            "tasks": [str(assets / "words.jsonl")], "seeds": [0, 1],
+            "methods": {"dr-lora": {}, "gamma-0": {"drlora": {"gamma": 0}}}}
+    spec.update(changes)
+    return spec
+
+
+def write_spec(path, spec):
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def metrics_mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/*/metrics.json"))}
+
+
+def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    spec_file = write_spec(tmp_path / "spec.yaml", make_spec(assets, out))
+    rows = compare(spec_file, progress=False)
+    printed = capsys.readouterr().out
+    assert "4 runs (2 methods × 1 tasks × 2 seeds)" in printed
+    assert "[3/4] gamma-0 / words / seed 0 ... training" in printed
+    folders = sorted(p.relative_to(out).as_posix() for p in out.glob("runs/*/*/*"))
+    assert folders == ["runs/dr-lora/words/seed0", "runs/dr-lora/words/seed1", "runs/gamma-0/words/seed0",
+                       "runs/gamma-0/words/seed1"]
+    csv_rows = read_rows(out / "results.csv")
+    assert len(csv_rows) == len(rows) == 4
+    task = str(assets / "words.jsonl")
+    for row in csv_rows:  # every score is the run's own metrics.json
+        run_dir = out / "runs" / row["method"] / "words" / f"seed{row['seed']}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert row["metric"] == "acc" and row["config_method"] == "dr-lora"
+        assert float(row["after"]) == metrics["eval_after"][task]["acc"]
+        assert float(row["before"]) == metrics["eval_before"][task]["acc"]
+        assert float(row["acc_norm_after"]) == metrics["eval_after"][task]["acc_norm"]
+        assert int(row["trainable_params"]) == metrics["parameters"]["trainable"] and int(row["steps"]) == 4
+    # one cell by hand: gamma-0 on words, mean ± sample std over the two seeds, in percentage points
+    scores = [100 * float(r["after"]) for r in csv_rows if r["method"] == "gamma-0"]
+    cell = f"{statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f}"
+    assert len(scores) == 2 and statistics.stdev(scores) > 0  # a real spread, so the ± is checked
+    markdown = (out / "results.md").read_text()
+    assert markdown == markdown_from_csv(out / "results.csv")
+    line = next(row for row in markdown.splitlines() if row.startswith("| gamma-0 | "))
+    assert line.split(" | ")[1].strip("*") == cell and "Base model before training: words" in markdown
+    assert (out / "results.png").stat().st_size > 0 and (out / "rank_heatmaps.png").stat().st_size > 0
+
+    # again: everything is finished, nothing is touched
+    before = metrics_mtimes(out)
+    assert compare(spec_file, progress=False) == rows
+    assert capsys.readouterr().out.count("finished, skipped") == 4 and metrics_mtimes(out) == before
+
+    # a run without its metrics (as if killed) is the only one that runs, resuming from its last checkpoint
+    lost = out / "runs/gamma-0/words/seed1/metrics.json"
+    lost.unlink()
+    compare(spec_file, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 3 and "[4/4] gamma-0 / words / seed 1 ... resuming" in printed
+    assert lost.is_file() and {p: t for p, t in metrics_mtimes(out).items() if p != lost} == \
+        {p: t for p, t in before.items() if p != lost}
+    scored = ("method", "seed", "before", "after", "acc_norm_after", "trainable_params")
+    assert [{k: r[k] for k in scored} for r in read_rows(out / "results.csv")] == \
+        [{k: r[k] for k in scored} for r in csv_rows]  # the same final checkpoint gives the same scores
+
+    # the spec changed: refused, naming the run and the key, and nothing is touched; overwrite redoes those runs
+    changed = make_spec(assets, out)
+    changed["methods"]["gamma-0"]["train"] = {"learning_rate": 2e-2}
+    write_spec(spec_file, changed)
+    before = metrics_mtimes(out)
+    with pytest.raises(ConfigError, match=r"run gamma-0 / words / seed 0 .* \(train\.learning_rate was 0\.05, now "
+                                          r"0\.02\), and so do 1 other run\(s\); pass --overwrite"):
+        compare(spec_file, progress=False)
+    assert metrics_mtimes(out) == before
+    compare(spec_file, overwrite=True, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("finished, skipped") == 2 and printed.count("redoing it (overwrite)") == 2
+    after = metrics_mtimes(out)
+    assert [p.parts[-4] for p in after if after[p] != before[p]] == ["gamma-0", "gamma-0"]
+    config = yaml.safe_load((out / "runs/gamma-0/words/seed1/config.yaml").read_text())
+    assert config["train"]["learning_rate"] == 2e-2 and len(read_rows(out / "results.csv")) == 4
+
+
+def test_dry_run_lists_the_plan_and_writes_nothing(assets, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    spec_file = write_spec(tmp_path / "spec.yaml", make_spec(assets, out, seeds=[3]))
+    assert main(["compare", str(spec_file), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs (2 methods × 1 tasks × 1 seeds)" in printed and "0 finished" in printed
+    assert f"[2/2] gamma-0 / words / seed 3  {out / 'runs/gamma-0/words/seed3'}  new" in printed
+    assert not out.exists()
+
+
+def test_markdown_from_a_hand_written_csv(tmp_path):
+    header = "method,task,seed,config_method,metric,before,after,acc_norm_after,active_params,reserved_params," \
+             "trainable_params,train_time_s,train_tokens_per_s,steps,run_dir\n"
+    rows = ["A,t1,0,dr-lora,acc,0.25,0.5,0.5,1000,2000,3000,10.0,500.0,4,r",
+            "A,t1,1,dr-lora,acc,0.25,0.7,0.6,1000,2000,3000,12.0,700.0,4,r",
+            "A,t2,0,dr-lora,exact_match,0.0,0.2,,1000,2000,3000,10.0,500.0,4,r",
+            "A,t2,1,dr-lora,exact_match,0.0,0.4,,1000,2000,3000,10.0,500.0,4,r",
+            "B,t1,0,lora,acc,0.25,0.65,0.6,1500,1500,1500,5.0,900.0,4,r",
+            "B,t2,0,lora,exact_match,0.0,0.1,,1500,1500,1500,5.0,900.0,4,r"]
+    (tmp_path / "results.csv").write_text(header + "\n".join(rows) + "\n")
+    lines = markdown_from_csv(tmp_path / "results.csv").splitlines()
+    assert "| method | t1 (acc) | t2 (exact_match) | average |" in lines
+    # A: t1 50, 70 -> 60.0 ± 14.1; t2 20, 40 -> 30.0 ± 14.1; average per seed 35, 55 -> 45.0 ± 14.1. B: one seed.
+    assert "| A | 60.0 ± 14.1 | **30.0 ± 14.1** | **45.0 ± 14.1** |" in lines
+    assert "| B | **65.0** | 10.0 | 37.5 |" in lines
+    assert "Base model before training: t1 25.0, t2 0.0." in lines
+    assert "| A | dr-lora | 4 | 1,000 | 2,000 | 3,000 | 10.5 | 550 |" in lines
+    assert "| B | lora | 2 | 1,500 | 1,500 | 1,500 | 5.0 | 900 |" in lines
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown key", "unknown spec key 'metods' (did you mean 'methods'?)"),
+    ("empty methods", "the spec's methods is missing or empty"),
+    ("bad override", "method 'gamma-0': unknown config key 'drlora.gama' (did you mean 'gamma'?)"),
+    ("managed key", "method 'gamma-0' sets data.train, which compare sets for each run"),
+    ("duplicate label", "gives method 'gamma-0' twice"),
+    ("missing task", "task 'nowhere.jsonl' is neither a builtin task nor an existing file"),
+])
+def test_bad_specs_fail_with_one_sentence_and_write_nothing(assets, tmp_path, capsys, case, message):
+    out = tmp_path / "cmp"
+    spec = make_spec(assets, out)
+    spec_file = tmp_path / "spec.yaml"
+    if case == "unknown key":
+        spec["metods"] = spec.pop("methods")
+    elif case == "empty methods":
+        spec["methods"] = {}
+    elif case == "bad override":
+        spec["methods"]["gamma-0"] = {"drlora": {"gama": 0}}
+    elif case == "managed key":
+        spec["methods"]["gamma-0"] = {"data": {"train": ["x.jsonl"]}}
+    elif case == "missing task":
+        spec["tasks"] = ["nowhere.jsonl"]
+    write_spec(spec_file, spec)
+    if case == "duplicate label":
+        spec_file.write_text(spec_file.read_text().replace("  gamma-0:", "  gamma-0: {}\n  gamma-0:"))
+    assert main(["compare", str(spec_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("drlora: error: ")
+    assert not out.exists()
+    if case != "duplicate label":  # the Python API refuses the same spec as a dict
+        with pytest.raises(ConfigError, match="^" + err[0].removeprefix("drlora: error: ")[:20]):
+            compare(spec, progress=False)
