@@ -147,8 +147,8 @@ def test_a_method_that_fixes_an_engine_setting_refuses_it():
 @pytest.mark.slow
 def test_peft_lora_trains_through_the_same_pipeline_and_its_adapter_reloads(assets, tmp_path):  # noqa: F811
     out = tmp_path / "peft"
-    metrics = train(load_config(None, overrides(assets, out, "method=peft-lora", "train.max_steps=6",
-                                                "drlora.lora_dropout=0.0")), progress=False)
+    metrics = train(load_config(None, overrides(assets, out, "method=peft-lora", "train.max_steps=6")),
+                    progress=False)  # the default lora_dropout (0.1) does not apply: PEFT refuses it on parameters
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     # PEFT adapts the fused gate_up parameter whole: more parameters than drlora's up + down at the same rank
     p = metrics["parameters"]

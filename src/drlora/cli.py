@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "finished runs are skipped) and write results.csv, results.md, results.png "
                                          "and rank_heatmaps.png into its output_dir.",
                              epilog=_compare_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    cm.add_argument("spec", help="the compare spec (YAML), e.g. configs/compare/example.yaml")
+    cm.add_argument("spec", help="the compare spec (YAML), e.g. configs/compare/builtin.yaml")
     cm.add_argument("--overwrite", action="store_true",
                     help="redo the runs whose folder holds another configuration (the spec changed)")
     cm.add_argument("--dry-run", action="store_true", help="print the plan (every run and its state) and exit")

@@ -80,7 +80,7 @@ def read_spec(spec) -> dict:
         return spec
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"compare spec {path} does not exist; pass a YAML file (e.g. configs/compare/example.yaml).")
+        raise ConfigError(f"compare spec {path} does not exist; pass a YAML file (e.g. configs/compare/builtin.yaml).")
     try:
         text = path.read_text(encoding="utf-8")
         data, node = yaml.safe_load(text), yaml.compose(text, Loader=yaml.SafeLoader)

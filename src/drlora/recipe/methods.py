@@ -63,7 +63,8 @@ def _measure(config, base, examples, pad_token_id, log) -> dict:
 def build_peft_model(config, base, total_steps: int):
     """`peft-lora`: vanilla PEFT LoRA through `target_parameters` on the fused expert weights, as an outside
     reference. PEFT adapts whole fused parameters (gate and up together when the experts fuse them) at one rank,
-    materialises each expert's ΔW in every forward, refuses LoRA dropout on parameters, and leaves the router frozen —
+    materialises each expert's ΔW in every forward, refuses LoRA dropout on parameters (so it trains without), and leaves
+    the router frozen —
     so its budget differs from the others' (metrics.json shows by how much)."""
     from peft import LoraConfig, get_peft_model
 
@@ -78,6 +79,7 @@ def build_peft_model(config, base, total_steps: int):
         if "down" in engine.target_projections:
             parameters.append(f"{layer.name}.down_proj")
     rank = engine.r_target
+    # PEFT refuses dropout on parameters: drlora.lora_dropout does not apply to this baseline
     lora = LoraConfig(r=rank, lora_alpha=engine.scaling * rank, lora_dropout=0.0, target_modules=[],
                       target_parameters=parameters, task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(base, lora)
