@@ -72,7 +72,7 @@ def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets,
     rows = compare(spec_file, progress=False)
     printed = capsys.readouterr().out
     assert "4 runs (2 methods × 1 tasks × 2 seeds)" in printed
-    assert "[3/4] gamma-0 / words / seed 0 ... training" in printed
+    assert "[2/4] gamma-0 / words / seed 0 ... training" in printed
     folders = sorted(p.relative_to(out).as_posix() for p in out.glob("runs/*/*/*"))
     assert folders == ["runs/dr-lora/words/seed0", "runs/dr-lora/words/seed1", "runs/gamma-0/words/seed0",
                        "runs/gamma-0/words/seed1"]

@@ -16,9 +16,9 @@ run folders' metrics.json. The spec (YAML, or the same dict in Python):
 A run's config is config_from_mappings(config, methods[label], {data: {train: [task], eval: [task]}, seed,
 output_dir: OUTPUT_DIR/runs/LABEL/TASK/seedN}); those keys (and overwrite, resume) are compare's, so the spec may
 not set them. Every config is resolved before anything runs, so a bad spec fails (one sentence, nothing written)
-before hours of training. Runs go in-process in the order method → task → seed. A run whose folder holds its own
-config.yaml and a completed metrics.json is skipped; with its own config.yaml but no finished metrics it continues
-(resume); a different config.yaml (the spec changed) is refused unless overwrite, which redoes those runs. Results
+before hours of training. Runs go in-process in the order seed → task → method, so a stopped study holds complete
+tables of its first seeds. A run whose folder holds its own config.yaml and a completed metrics.json is skipped;
+with its own config.yaml but no finished metrics it continues (resume); a different config.yaml (the spec changed) is refused unless overwrite, which redoes those runs. Results
 are rewritten after every run, so a killed compare still leaves a usable partial table:
 
     results.csv        one row per finished run (scores as the raw fractions metrics.json holds)
@@ -158,9 +158,9 @@ def plan(spec) -> tuple[dict, list[PlannedRun]]:
     except ConfigError as err:
         raise ConfigError(f"the spec's config: {err}") from None
     runs = []
-    for label, overrides in methods.items():
+    for seed in seeds:  # seed-major: a stopped study holds whole tables of its first seeds, not some methods only
         for task in tasks:
-            for seed in seeds:
+            for label, overrides in methods.items():
                 out = Path(spec["output_dir"]) / "runs" / label / task_label(task) / f"seed{seed}"
                 try:
                     config = config_from_mappings(shared, overrides, {"data": {"train": [task], "eval": [task]},
