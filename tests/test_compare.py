@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 import yaml
-from tiny_models import WORDS, tiny_moe, tiny_tokenizer
+from tiny_models import WORDS, save_tiny_checkpoint
 
 from drlora.cli import main
 from drlora.recipe.compare import compare, markdown_from_csv
@@ -27,10 +27,7 @@ def fresh_home(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    model = tiny_moe("olmoe")
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_checkpoint(root / "model")
     rng = random.Random(0)
     rows = []
     for _ in range(24):

@@ -15,7 +15,7 @@ from drlora.cli import main
 from drlora.recipe.config import load_config
 from drlora.recipe.run import train
 from drlora.run_eval import evaluate_model
-from tiny_models import WORDS, tiny_moe, tiny_tokenizer
+from tiny_models import WORDS, save_tiny_checkpoint, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,7 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    model = tiny_moe("olmoe")
-    model.generation_config.eos_token_id = 1
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_checkpoint(root / "model")
     dense = __import__("transformers").AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.for_model(
         "llama", vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2))

@@ -113,3 +113,12 @@ def tiny_tokenizer(eos: bool = True):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **({"eos_token": "[EOS]"} if eos else {}))
+
+
+def save_tiny_checkpoint(folder, family: str = "olmoe"):
+    """A tiny MoE and its tokenizer saved as a checkpoint folder, as `drlora train model=FOLDER` reads one."""
+    model = tiny_moe(family)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
