@@ -146,11 +146,11 @@ class DRLoRAConfig:
                              "DRLoRACallback, which takes it from the Trainer.")
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {steps!r}.")
-        if self.allocation == "fixed":  # no events; the warmup still gates the router
-            return GrowthSchedule(steps, math.ceil(self.warmup_ratio * steps), self.growth_interval, ())
-        start = self.r_target if self.allocation == "prune" else self.r_init  # pruning has no per-event cap
+        start = self.r_init if self.allocation == "grow" else self.r_target  # fixed and prune need no growth
         schedule = GrowthSchedule.build(steps, self.growth_interval, self.warmup_ratio, start, self.r_target,
                                         self.grow_per_event)
+        if self.allocation == "fixed":  # no events; the warmup still gates the router
+            return dataclasses.replace(schedule, events=())
         if self.allocation == "prune" and self.r_target < self.r_max and not schedule.events:
             raise ValueError(f"allocation='prune' needs at least one pruning event, but {steps} steps with "
                              f"growth_interval {self.growth_interval} give none; lower growth_interval.")

@@ -99,6 +99,12 @@ class ExpertLoRA(nn.Module):
         return self.rank_mask.sum(-1)
 
     @torch.no_grad()
+    def set_ranks(self, ranks) -> None:
+        """Make the lowest `ranks[e]` slots of expert e its active ranks, and mask the rest."""
+        device = self.rank_mask.device
+        self.rank_mask.copy_(torch.arange(self.r_max, device=device) < torch.as_tensor(ranks, device=device)[:, None])
+
+    @torch.no_grad()
     def grow(self, new_ranks: torch.Tensor) -> None:
         """Activate `new_ranks[e]` more ranks of expert e (lowest free indices), function-preserving.
 

@@ -290,8 +290,7 @@ class DRLoRAModel(nn.Module):
                              f"got shape {list(ranks.shape)} and ranks {int(ranks.min())}..{int(ranks.max())}.")
         for adapter, row in zip(self.adapters, ranks):
             for lora in adapter.projections.values():
-                lora.rank_mask.copy_(torch.arange(lora.r_max, device=lora.rank_mask.device) < row.to(
-                    lora.rank_mask.device)[:, None])
+                lora.set_ranks(row)
 
     def _grow(self, step: int) -> GrowthEvent:
         cfg = self.drlora_config

@@ -48,14 +48,21 @@ def _fused_factors(layer, adapter, parameter: str, rank: int):
     return a.reshape(num_experts * rank, -1), b.permute(1, 2, 0).reshape(out, rank * num_experts)
 
 
+def fused_parameter_names(layers, projections) -> list[str]:
+    """PEFT `target_parameters` covering `projections` of these MoE layers: PEFT adapts whole fused weights, so
+    gate or up means gate_up_proj (up_proj where the experts have no gate), and down means down_proj."""
+    names = []
+    for layer in layers:
+        if {"gate", "up"} & set(projections):
+            names.append(f"{layer.name}.{'gate_up_proj' if layer.has_gate else 'up_proj'}")
+        if "down" in projections:
+            names.append(f"{layer.name}.down_proj")
+    return names
+
+
 def _lora_config(model, rank: int) -> LoraConfig:
     cfg = model.drlora_config
-    parameters = []
-    for layer in model.moe_layers:
-        if "gate" in cfg.target_projections or "up" in cfg.target_projections:
-            parameters.append(f"{layer.name}.{'gate_up_proj' if layer.has_gate else 'up_proj'}")
-        if "down" in cfg.target_projections:
-            parameters.append(f"{layer.name}.down_proj")
+    parameters = fused_parameter_names(model.moe_layers, cfg.target_projections)
     extra = [name for name, _, _ in model._extra_handles]
     pattern = {name: cfg.extra_rank for name in extra} if cfg.extra_rank != rank else {}
     alpha_pattern = {name: cfg.scaling * cfg.extra_rank for name in extra} if pattern else {}

@@ -157,7 +157,7 @@ def _load_active(drlora, tensors: dict[str, torch.Tensor], rank_map: torch.Tenso
     for layer, adapter, ranks in zip(drlora.moe_layers, drlora.adapters, rank_map.tolist()):
         for proj, lora in adapter.projections.items():
             a, b = tensors[f"{layer.name}.{proj}.lora_A"], tensors[f"{layer.name}.{proj}.lora_B"]
-            lora.rank_mask.copy_(torch.arange(lora.r_max) < torch.tensor(ranks)[:, None])
+            lora.set_ranks(ranks)
             start = 0
             for e, r in enumerate(ranks):
                 lora.lora_A[e, :r] = a[start:start + r].to(lora.lora_A)

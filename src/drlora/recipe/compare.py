@@ -42,12 +42,12 @@ import yaml
 
 from ..builtin.tasks import TASKS
 from ..fileio import atomic_write, write_text
-from .config import ConfigError, RunConfig, config_from_mappings, to_yaml
+from .config import ConfigError, RunConfig, config_from_mappings
 from .report import layer_labels, read_metrics
+from .run_dir import config_differences
 
 SPEC_KEYS = ("output_dir", "config", "tasks", "seeds", "methods")
 MANAGED = {"output_dir", "seed", "overwrite", "resume", "data.train", "data.eval"}  # set per run by compare
-RUNTIME_KEYS = ("output_dir", "overwrite", "resume")  # may differ between a run's config.yaml and its resumption
 COLUMNS = ("method", "task", "seed", "config_method", "metric", "before", "after", "acc_norm_after", "active_params",
            "reserved_params", "trainable_params", "train_time_s", "train_tokens_per_s", "steps", "run_dir")
 INTS = {"seed", "active_params", "reserved_params", "trainable_params", "steps"}
@@ -174,13 +174,6 @@ def plan(spec) -> tuple[dict, list[PlannedRun]]:
     return {**spec, "config": shared, "tasks": tasks, "seeds": seeds, "methods": methods}, runs
 
 
-def _differences(saved, ours, prefix: str = "") -> list[str]:
-    if not (isinstance(saved, dict) and isinstance(ours, dict)):
-        return [] if saved == ours else [f"{prefix.rstrip('.')} was {saved!r}, now {ours!r}"]
-    return [d for key in sorted(set(saved) | set(ours), key=str) if prefix or key not in RUNTIME_KEYS
-            for d in _differences(saved.get(key), ours.get(key), f"{prefix}{key}.")]
-
-
 def _state(run: PlannedRun) -> tuple[str, str]:
     """What the run folder holds against the resolved config: new, finished, resume or changed (and what changed)."""
     folder, saved_file = run.run_dir, run.run_dir / "config.yaml"
@@ -192,8 +185,7 @@ def _state(run: PlannedRun) -> tuple[str, str]:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         return "changed", "its config.yaml is not valid YAML"
-    changes = _differences(saved if isinstance(saved, dict) else {}, yaml.safe_load(to_yaml(run.config)))  # both
-    # sides went through the same YAML round trip, so only real differences count
+    changes = config_differences(saved if isinstance(saved, dict) else {}, run.config)  # as resume=true decides
     if changes:
         return "changed", "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
     try:

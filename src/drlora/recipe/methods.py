@@ -69,15 +69,11 @@ def build_peft_model(config, base, total_steps: int):
     from peft import LoraConfig, get_peft_model
 
     from ..layout import find_moe_layers
+    from ..peft_export import fused_parameter_names
 
     engine = config.drlora_config(total_steps, allocation="fixed")
     layers = find_moe_layers(base)
-    parameters = []
-    for layer in layers:
-        if {"gate", "up"} & set(engine.target_projections):
-            parameters.append(f"{layer.name}.{'gate_up_proj' if layer.has_gate else 'up_proj'}")
-        if "down" in engine.target_projections:
-            parameters.append(f"{layer.name}.down_proj")
+    parameters = fused_parameter_names(layers, engine.target_projections)
     rank = engine.r_target
     # PEFT refuses dropout on parameters: drlora.lora_dropout does not apply to this baseline
     lora = LoraConfig(r=rank, lora_alpha=engine.scaling * rank, lora_dropout=0.0, target_modules=[],

@@ -36,13 +36,20 @@ def _identity(config: dict) -> dict:
 
 def _differences(saved: dict, ours: dict, prefix: str = "") -> list[str]:
     found = []
-    for key in sorted(set(saved) | set(ours)):
+    for key in sorted(set(saved) | set(ours), key=str):  # a hand-edited file may hold non-string keys
         a, b = saved.get(key), ours.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
             found.append(f"{prefix}{key} was {a!r}, now {b!r}")
     return found
+
+
+def config_differences(saved: dict, config: RunConfig) -> list[str]:
+    """What differs between a run folder's config.yaml (`saved`) and `config`, as "key was A, now B", leaving out
+    the keys a resumption may change. `config` goes through the same YAML round trip as the saved file, so only
+    real differences count. `drlora train resume=true` and `drlora compare` both decide by it."""
+    return _differences(_identity(saved), _identity(yaml.safe_load(to_yaml(config))))
 
 
 def explain_os_error(err: OSError, what: str) -> str:
@@ -84,7 +91,7 @@ class RunFolder:
         if not config.resume:
             raise ConfigError(f"output_dir {self.path} already holds a run; pass resume=true to continue it, "
                               "overwrite=true to replace it, or choose another output_dir.")
-        changed = _differences(_identity(saved), _identity(config.to_dict()))
+        changed = config_differences(saved, config)
         if changed:
             raise ConfigError(f"cannot resume the run in {self.path} with another configuration "
                               f"({'; '.join(changed[:3])}); resume with its own configuration, or pass overwrite=true "
