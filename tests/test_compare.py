@@ -157,6 +157,9 @@ def test_markdown_from_a_hand_written_csv(tmp_path):
     assert "Base model before training: t1 25.0, t2 0.0." in lines
     assert "| A | dr-lora | 4 | 1,000 | 2,000 | 3,000 | 10.5 | 550 |" in lines
     assert "| B | lora | 2 | 1,500 | 1,500 | 1,500 | 5.0 | 900 |" in lines
+    # paired by (task, seed): only seed 0 has both; A − B = 50 − 65 on t1 and 20 − 10 on t2 -> -2.5 ± 17.7
+    assert "## A against each method, paired by task and seed" in lines
+    assert "| B | 2 | -2.5 ± 17.7 | 1 / 0 / 1 |" in lines
 
 
 @pytest.mark.parametrize("case, message", [

@@ -4,8 +4,9 @@ For each adapted projection of one fused-experts module: A [E, r_max, in], B [E,
 mask [E, r_max]. The update is ΔW_e = s · B_e diag(m_e) A_e with s = lora_alpha / r_max constant. It is applied on
 the routed tokens only, grouped by expert with grouped matmuls — a per-expert ΔW is never materialised in training.
 
-The mask multiplies A in the forward pass, so a masked rank contributes nothing and its A row and B column get
-exactly zero gradient by construction (not by zeroing .grad afterwards, which ZeRO would already have consumed).
+The mask multiplies the rank activations h = x·Aᵀ of each routed row in the forward pass, so a masked rank
+contributes nothing and its A row and B column get exactly zero gradient by construction (not by zeroing .grad
+afterwards, which ZeRO would already have consumed).
 Growth flips mask bits; masked A rows keep their (seeded) initial values and B columns stay zero, so a new rank
 starts as initialised, the model's output does not move, and nothing else has to be written — which keeps
 optimizers that hold their own master copy of the weights (DeepSpeed, FSDP mixed precision) consistent.
@@ -89,11 +90,14 @@ class ExpertLoRA(nn.Module):
         self.importance = RankImportance(num_experts, r_max).to(device)
         self.importance.attach(self.lora_A, self.lora_B)
 
-    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """LoRA output [N, out] for rows of `x_sorted` [N, in] grouped by expert."""
-        a = self.lora_A * self.rank_mask.unsqueeze(-1).to(self.lora_A.dtype)
-        h = grouped_mm(self.dropout(x_sorted), a.transpose(1, 2), offsets)
-        return grouped_mm(h * self.scaling, self.lora_B.transpose(1, 2), offsets)
+    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """LoRA output [N, out] for rows of `x_sorted` [N, in] grouped by expert (`expert_ids` [N], sorted)."""
+        h = grouped_mm(self.dropout(x_sorted), self.lora_A.transpose(1, 2), offsets)
+        # the mask and the scaling act on the rank activations h [N, r], row by row: far fewer elements than
+        # masking A [E, r, in] at large E, and a masked rank's h column is zero, so its A row and B column get
+        # exactly zero gradient
+        rank_scale = (self.rank_mask.to(h.dtype) * self.scaling)[expert_ids]
+        return grouped_mm(h * rank_scale, self.lora_B.transpose(1, 2), offsets)
 
     def ranks(self) -> torch.Tensor:
         return self.rank_mask.sum(-1)
@@ -173,13 +177,13 @@ def dr_lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     proj = _grouped_linear(x, up_weight, offsets, up_bias, self.is_transposed)
     for name in ("gate", "up"):
         if name in adapter.projections:
-            proj[:, adapter.slices[name]] += adapter.projections[name](x, offsets)
+            proj[:, adapter.slices[name]] += adapter.projections[name](x, offsets, expert_ids)
     hidden = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
 
     down_bias = self.down_proj_bias[expert_ids] if self.has_bias else None
     out = _grouped_linear(hidden, self.down_proj, offsets, down_bias, self.is_transposed)
     if "down" in adapter.projections:
-        out = out + adapter.projections["down"](hidden, offsets)
+        out += adapter.projections["down"](hidden, offsets, expert_ids)
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
 

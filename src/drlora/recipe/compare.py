@@ -18,8 +18,9 @@ output_dir: OUTPUT_DIR/runs/LABEL/TASK/seedN}); those keys (and overwrite, resum
 not set them. Every config is resolved before anything runs, so a bad spec fails (one sentence, nothing written)
 before hours of training. Runs go in-process in the order seed → task → method, so a stopped study holds complete
 tables of its first seeds. A run whose folder holds its own config.yaml and a completed metrics.json is skipped;
-with its own config.yaml but no finished metrics it continues (resume); a different config.yaml (the spec changed) is refused unless overwrite, which redoes those runs. Results
-are rewritten after every run, so a killed compare still leaves a usable partial table:
+with its own config.yaml but no finished metrics it continues (resume); a different config.yaml (the spec changed)
+is refused unless overwrite, which redoes those runs. The tables are rewritten after every run (the figures, which
+take seconds, when a seed's runs are done and at the end), so a killed compare still leaves a usable partial table:
 
     results.csv        one row per finished run (scores as the raw fractions metrics.json holds)
     results.md         from results.csv only: mean ± sample std over seeds per method and task; parameters per method
@@ -37,13 +38,12 @@ import json
 import statistics
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from ..builtin.tasks import TASKS
-from ..fileio import atomic_write, write_text
+from ..fileio import write_text
+from .compare_figures import draw_rank_heatmaps, draw_results
 from .config import ConfigError, RunConfig, config_from_mappings
-from .report import layer_labels, read_metrics
 from .run_dir import config_differences
 
 SPEC_KEYS = ("output_dir", "config", "tasks", "seeds", "methods")
@@ -228,7 +228,8 @@ def compare(spec, overwrite: bool = False, dry_run: bool = False, progress: bool
             train(dataclasses.replace(run.config, resume=run.state == "resume", overwrite=run.state == "changed"),
                   progress=progress)
             run.state = "finished"
-            write_results(out, runs, first_seed)
+            # the tables after every run; the figures (seconds each) when a seed's runs are done, and at the end
+            write_results(out, runs, first_seed, figures=i < n and runs[i].seed != run.seed)
     finally:  # also after a failed run: the finished ones are tabulated
         rows = write_results(out, runs, first_seed)
     print(f"drlora compare: {len(rows)} of {n} runs finished; results in {out}/ (results.csv, .md, .png)")
@@ -257,8 +258,9 @@ def read_csv(path) -> list[dict]:
                 for r in csv.DictReader(handle)]
 
 
-def write_results(out, runs: list[PlannedRun], first_seed: int) -> list[dict]:
-    """(Re)write results.csv, results.md (from the csv), results.png and rank_heatmaps.png from the finished runs."""
+def write_results(out, runs: list[PlannedRun], first_seed: int, figures: bool = True) -> list[dict]:
+    """(Re)write results.csv, results.md (from the csv) and, with `figures`, results.png and rank_heatmaps.png from
+    the finished runs."""
     out, rows = Path(out), [_row(r) for r in runs if r.state == "finished"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
@@ -266,9 +268,9 @@ def write_results(out, runs: list[PlannedRun], first_seed: int) -> list[dict]:
     writer.writerows(rows)
     write_text(out / "results.csv", buffer.getvalue())
     write_text(out / "results.md", markdown_from_csv(out / "results.csv"))
-    if rows:
-        draw_results(read_csv(out / "results.csv"), out / "results.png")
-    if heat := [r for r in rows if r["config_method"] == "dr-lora" and r["seed"] == first_seed]:
+    if rows and figures:
+        draw_results(_aggregate(read_csv(out / "results.csv")), out / "results.png")
+    if figures and (heat := [r for r in rows if r["config_method"] == "dr-lora" and r["seed"] == first_seed]):
         draw_rank_heatmaps(heat, out / "rank_heatmaps.png")
     return rows
 
@@ -328,59 +330,27 @@ def markdown_from_csv(csv_path) -> str:
                  for key, fmt in (("active_params", ",.0f"), ("reserved_params", ",.0f"), ("trainable_params", ",.0f"),
                                   ("train_time_s", ".1f"), ("train_tokens_per_s", ",.0f"))]
         lines.append(f"| {m} | {mine[0]['config_method']} | {len(mine)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _paired_lines(agg)) + "\n"
 
 
-# ---- figures (a private Agg canvas, written atomically: no pyplot state, never half a PNG) ---------------------------
-def _figure(size):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    return FigureCanvasAgg(Figure(figsize=size, layout="constrained")).figure
-
-
-def draw_results(rows: list[dict], path) -> None:
-    """Grouped bars: score after training per method (bars) and task (groups), error bars = std over seeds, the
-    base model's score as a dashed line over its group."""
-    agg = _aggregate(rows)
-    methods, groups = agg["methods"], agg["tasks"] + (["average"] if len(agg["tasks"]) > 1 else [])
-    width = 0.8 / len(methods)
-    ax = (fig := _figure((max(5.0, 1.2 + len(groups) * (0.5 + 0.35 * len(methods))), 4.2))).subplots()
-    for i, m in enumerate(methods):
-        stats = [_mean_std(agg["scores"][(m, g)].values()) if agg["scores"][(m, g)] else (np.nan, None)
-                 for g in groups]
-        ax.bar(np.arange(len(groups)) - 0.4 + width * (i + 0.5), [s[0] for s in stats], width * 0.9,
-               yerr=[s[1] or 0 for s in stats], capsize=3, label=m)
-    for g, task in ((g, t) for g, t in enumerate(agg["tasks"]) if agg["before"][t]):
-        ax.hlines(statistics.fmean(agg["before"][task]), g - 0.45, g + 0.45, colors="black", linestyles="--",
-                  label="base model" if g == 0 else None)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set(ylim=(0, 100), ylabel="score after training (%)", title="mean over seeds; error bars: sample std")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-def draw_rank_heatmaps(rows: list[dict], path) -> None:
-    """Final rank maps side by side (columns: tasks; rows: dr-lora method labels) on one colour scale, so a reader
-    sees whether different tasks grow different experts."""
-    from matplotlib.colors import Normalize
-
-    labels, tasks = list(dict.fromkeys(r["method"] for r in rows)), list(dict.fromkeys(r["task"] for r in rows))
-    maps = {(r["method"], r["task"]): read_metrics(r["run_dir"]) for r in rows}
-    norm = Normalize(min(m["r_init"] for m in maps.values()), max(m["r_max"] for m in maps.values()))
-    layers, experts = np.asarray(next(iter(maps.values()))["rank_map"]).shape
-    fig = _figure((max(3.0, 0.35 * experts + 1.2) * len(tasks) + 1.0, max(2.5, 0.3 * layers + 1.0) * len(labels)))
-    axes, image = np.asarray(fig.subplots(len(labels), len(tasks), squeeze=False)), None
-    for (i, label), (j, task) in ((a, b) for a in enumerate(labels) for b in enumerate(tasks)):
-        ax, metrics = axes[i, j], maps.get((label, task))
-        if metrics is None:  # that task's first-seed run has not finished yet
-            ax.axis("off")
+def _paired_lines(agg: dict) -> list[str]:
+    """The first method against every other, paired by (task, seed): differences of two runs that saw the same data
+    order and evaluation are less noisy than differences of means."""
+    first, others = agg["methods"][0], agg["methods"][1:]
+    if not others:
+        return []
+    lines = ["", f"## {first} against each method, paired by task and seed", "",
+             (f"Difference in percentage points ({first} − method) over the (task, seed) pairs both finished: "
+              f"mean ± sample std, and in how many pairs {first} scored higher / equal / lower."), "",
+             f"| method | pairs | {first} − method | higher / equal / lower |", "|---|---:|---:|---:|"]
+    for m in others:
+        diffs = [round(mine[seed] - agg["scores"][(m, t)][seed], 6) for t in agg["tasks"]
+                 for seed, mine in [(s, agg["scores"][(first, t)]) for s in agg["scores"][(first, t)]]
+                 if seed in agg["scores"][(m, t)]]
+        if not diffs:
+            lines.append(f"| {m} | 0 | – | – |")
             continue
-        ranks = np.asarray(metrics["rank_map"], dtype=float)
-        image = ax.imshow(ranks, cmap="viridis", norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_yticks(range(len(ranks)), layer_labels(metrics), fontsize=8)
-        ax.set(xlabel="expert", title=task if len(labels) == 1 else f"{label}: {task}")
-        for (y, x), rank in np.ndenumerate(ranks) if max(ranks.shape) <= 16 else ():  # beyond, the digits blur
-            ax.text(x, y, f"{rank:.0f}", ha="center", va="center", fontsize=7, color="k" if norm(rank) >= 0.55 else "w")
-    fig.colorbar(image, ax=axes, label="LoRA rank", shrink=0.9)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        mean, std = _mean_std(diffs)
+        tally = f"{sum(d > 0 for d in diffs)} / {sum(d == 0 for d in diffs)} / {sum(d < 0 for d in diffs)}"
+        lines.append(f"| {m} | {len(diffs)} | {mean:+.1f}" + ("" if std is None else f" ± {std:.1f}") + f" | {tally} |")
+    return lines
