@@ -24,6 +24,7 @@ take seconds, when a seed's runs are done and at the end), so a killed compare s
 
     results.csv        one row per finished run (scores as the raw fractions metrics.json holds)
     results.md         from results.csv only: mean ± sample std over seeds per method and task; parameters per method
+                       and the first method against each other, paired by task and seed
     results.png        score per method and task, error bars = std over seeds, the base model's score dashed
     rank_heatmaps.png  final rank maps of the dr-lora runs (config method) of the first seed, one panel per task
 """
