@@ -54,7 +54,7 @@ def build_base(name: str, dtype: torch.dtype, device: str):
     if family == "builtin":
         from drlora.loading import load_model
 
-        model = load_model("builtin:smollm2-moe", dtype=dtype)
+        model, _ = load_model("builtin:smollm2-moe", dtype=dtype)
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
