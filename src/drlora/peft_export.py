@@ -69,8 +69,8 @@ def _lora_config(model, rank: int) -> LoraConfig:
     routers = [layer.router_name for layer in model.moe_layers] if cfg.train_router else None
     return LoraConfig(r=rank, lora_alpha=cfg.scaling * rank, lora_dropout=0.0, target_parameters=parameters,
                       target_modules=extra or [], rank_pattern=pattern, alpha_pattern=alpha_pattern,
-                      modules_to_save=routers, base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
-                      task_type="CAUSAL_LM", bias="none")
+                      modules_to_save=routers, task_type="CAUSAL_LM", bias="none",
+                      base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
 
 
 def _skeleton(model, lora_config: LoraConfig):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import io
 import json
 import statistics
@@ -44,7 +43,7 @@ import yaml
 from ..builtin.tasks import TASKS
 from ..fileio import write_text
 from .compare_figures import draw_rank_heatmaps, draw_results
-from .config import ConfigError, RunConfig, config_from_mappings
+from .config import ConfigError, RunConfig, _did_you_mean, config_from_mappings
 from .run_dir import config_differences
 
 SPEC_KEYS = ("output_dir", "config", "tasks", "seeds", "methods")
@@ -69,11 +68,6 @@ class PlannedRun:
 
 
 # ---- the spec ------------------------------------------------------------------------------------------------------
-def _did_you_mean(word, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def read_spec(spec) -> dict:
     """The spec as a dict, from a YAML path or a dict; one sentence for a missing file, invalid YAML or a method
     label given twice (plain YAML would keep the last one and silently drop a method)."""
@@ -345,13 +339,13 @@ def _paired_lines(agg: dict) -> list[str]:
               f"mean ± sample std, and in how many pairs {first} scored higher / equal / lower."), "",
              f"| method | pairs | {first} − method | higher / equal / lower |", "|---|---:|---:|---:|"]
     for m in others:
-        diffs = [round(mine[seed] - agg["scores"][(m, t)][seed], 6) for t in agg["tasks"]
-                 for seed, mine in [(s, agg["scores"][(first, t)]) for s in agg["scores"][(first, t)]]
-                 if seed in agg["scores"][(m, t)]]
+        diffs = [round(agg["scores"][(first, t)][seed] - agg["scores"][(m, t)][seed], 6) for t in agg["tasks"]
+                 for seed in agg["scores"][(first, t)] if seed in agg["scores"][(m, t)]]
         if not diffs:
             lines.append(f"| {m} | 0 | – | – |")
             continue
         mean, std = _mean_std(diffs)
         tally = f"{sum(d > 0 for d in diffs)} / {sum(d == 0 for d in diffs)} / {sum(d < 0 for d in diffs)}"
-        lines.append(f"| {m} | {len(diffs)} | {mean:+.1f}" + ("" if std is None else f" ± {std:.1f}") + f" | {tally} |")
+        spread = "" if std is None else f" ± {std:.1f}"
+        lines.append(f"| {m} | {len(diffs)} | {mean:+.1f}{spread} | {tally} |")
     return lines

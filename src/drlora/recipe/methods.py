@@ -63,9 +63,8 @@ def _measure(config, base, examples, pad_token_id, log) -> dict:
 def build_peft_model(config, base, total_steps: int):
     """`peft-lora`: vanilla PEFT LoRA through `target_parameters` on the fused expert weights, as an outside
     reference. PEFT adapts whole fused parameters (gate and up together when the experts fuse them) at one rank,
-    materialises each expert's ΔW in every forward, refuses LoRA dropout on parameters (so it trains without), and leaves
-    the router frozen —
-    so its budget differs from the others' (metrics.json shows by how much)."""
+    materialises each expert's ΔW in every forward, refuses LoRA dropout on parameters (so it trains without), and
+    leaves the router frozen — so its budget differs from the others' (metrics.json shows by how much)."""
     from peft import LoraConfig, get_peft_model
 
     from ..layout import find_moe_layers
