@@ -3,13 +3,16 @@
     python bench/step_time.py [--configs olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin]
                               [--steps 8] [--rank 32] [--out bench_step_time.json]
 
-For each model config, four variants of the same model, batch and seed:
+For each model config, five variants of the same model, batch and seed:
 
 * (a) floor  — only the routers trainable: backward still runs through the whole network, so this is what any
   adapter pays at least;
 * (b) lora   — drlora `allocation="fixed"`, every expert at r = r_max (mask all ones);
-* (c) dr-lora — drlora growing from r_init (= r_max / 4) of r_max: statistics hooks on, `update_and_allocate` every
-  step, one growth event inside the timed steps;
+* (c) dr-lora — drlora growing from r_init (= r_max / 4) of r_max: importance statistics on, `update_and_allocate`
+  every step, one growth event in the first timed step; its matmuls run over the active width (the highest active
+  rank, rounded up), as a real run's do early on;
+* (c') dr-lora-wide — the same with one expert per layer at r_max, so the matmuls run r_max wide like (b)'s: c'/b
+  is the cost of the DR-LoRA machinery alone (statistics, masks, update_and_allocate, the growth event);
 * (d) peft   — vanilla PEFT LoRA through `target_parameters` on the same fused expert weights, rank r.
 
 Steps (forward + backward + AdamW step) are interleaved across the variants in one process, because this machine's
@@ -45,7 +48,7 @@ CONFIGS = {
                                       num_attention_heads=16, num_key_value_heads=16), 4, 128),
     "builtin": ("builtin", {}, 8, 128),
 }
-VARIANTS = ("floor", "lora", "dr-lora", "peft")
+VARIANTS = ("floor", "lora", "dr-lora", "dr-lora-wide", "peft")
 
 
 def build_base(name: str, dtype: torch.dtype, device: str):
@@ -86,14 +89,19 @@ def build_variant(variant: str, name: str, args):
         config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=[],
                             target_parameters=names, bias="none")
         return get_peft_model(base, config), None
-    common = dict(r_max=args.rank, lora_dropout=args.lora_dropout, target_projections=projections, train_router=True)
+    # (b) and (c) share one schedule: the router is gated during the untimed warmup rounds and trains in every
+    # timed step, and (c)'s first growth event falls on the first timed step
+    total = 1000
+    common = dict(r_max=args.rank, lora_dropout=args.lora_dropout, target_projections=projections, train_router=True,
+                  total_steps=total, warmup_ratio=args.warmup / total)
     if variant == "lora":
-        config = DRLoRAConfig(allocation="fixed", r_init=args.rank, r_target=args.rank, total_steps=10_000, **common)
-    else:  # growing from r_max/4 toward r_max/2, the first growth event in the first timed step
-        total = 1000
-        config = DRLoRAConfig(r_init=args.rank // 4, r_target=args.rank // 2, total_steps=total,
-                              warmup_ratio=args.warmup / total, growth_interval=300, **common)
+        config = DRLoRAConfig(allocation="fixed", r_init=args.rank, r_target=args.rank, **common)
+    else:  # growing from r_max/4 toward r_max/2
+        config = DRLoRAConfig(r_init=args.rank // 4, r_target=args.rank // 2, growth_interval=300, **common)
     model = get_dr_lora_model(base, config)
+    if variant == "dr-lora-wide":  # one expert per layer already at r_max: the matmuls run r_max wide, as (b)'s
+        for lora in model.expert_loras():
+            lora.grow(torch.nn.functional.one_hot(torch.tensor(0), lora.num_experts) * (lora.r_max - config.r_init))
     return model, model.update_and_allocate
 
 
@@ -197,12 +205,12 @@ def peak_memory(variant: str, name: str, args) -> tuple[int, int]:
     return result
 
 
+RATIOS = {"b/a": ("lora", "floor"), "c/a": ("dr-lora", "floor"), "c/b": ("dr-lora", "lora"),
+          "c'/b": ("dr-lora-wide", "lora"), "c/d": ("dr-lora", "peft"), "c'/d": ("dr-lora-wide", "peft")}
+
+
 def ratios(t: dict, m: dict) -> dict:
-    out = {}
-    for key, (num, den) in {"b/a": ("lora", "floor"), "c/a": ("dr-lora", "floor"), "c/b": ("dr-lora", "lora"),
-                            "c/d": ("dr-lora", "peft")}.items():
-        if num in t and den in t:
-            out[key] = t[num] / t[den]
+    out = {key: t[num] / t[den] for key, (num, den) in RATIOS.items() if num in t and den in t}
     if "dr-lora" in m and "peft" in m:
         out["memory c/d"] = m["dr-lora"][0] / m["peft"][0]
         out["total memory c/d"] = m["dr-lora"][1] / m["peft"][1]
@@ -210,13 +218,13 @@ def ratios(t: dict, m: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'config':<17}" + "".join(f"{v + ' s':>11}" for v in VARIANTS) + "".join(
-        f"{k:>9}" for k in ("b/a", "c/a", "c/b", "c/d")) + f"{'mem c/d':>9}"
+    header = f"{'config':<17}" + "".join(f"{v + ' s':>16}" for v in VARIANTS) + "".join(
+        f"{k:>7}" for k in RATIOS) + f"{'mem c/d':>9}"
     print(header)
     for name, result in results.items():
         t, r = result["step_s"], result["ratios"]
-        row = f"{name:<17}" + "".join(f"{t[v]:>11.3f}" if v in t else f"{'-':>11}" for v in VARIANTS)
-        row += "".join(f"{r[k]:>9.3f}" if k in r else f"{'-':>9}" for k in ("b/a", "c/a", "c/b", "c/d"))
+        row = f"{name:<17}" + "".join(f"{t[v]:>16.3f}" if v in t else f"{'-':>16}" for v in VARIANTS)
+        row += "".join(f"{r[k]:>7.3f}" if k in r else f"{'-':>7}" for k in RATIOS)
         row += f"{r['memory c/d']:>9.3f}" if "memory c/d" in r else f"{'-':>9}"
         print(row)
     names = [n for n in results if n.startswith("olmoe-e")]

@@ -64,7 +64,7 @@ def _train(rank: int, steps: int, growth_interval: int, ddp: bool, sync_buffers:
         optimizer.zero_grad()
     return {"ranks": model.rank_map(), "events": events, "local_mass": local_mass,
             "frequency": [a.frequency.ema.clone() for a in model.adapters],
-            "importance": [torch.stack([lora.importance.ema_a, lora.importance.ema_b]) for lora in model.expert_loras()],
+            "importance": [lora.importance.ema.clone() for lora in model.expert_loras()],
             "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}}
 
 

@@ -55,8 +55,7 @@ def test_importance_only_ignores_the_routing_frequency():
     for adapter in model.adapters:
         adapter.frequency.ema.copy_(torch.linspace(0.0, 1.0, adapter.frequency.ema.numel()))
         for lora in adapter.projections.values():
-            lora.importance.ema_a.fill_(1.0)
-            lora.importance.ema_b.fill_(1.0)
+            lora.importance.ema.fill_(1.0)
     scores = model.saliency()
     assert torch.allclose(scores, scores[:, :1].expand_as(scores))  # uniform: f does not enter
     model.drlora_config.signal = "routing*importance"
@@ -71,8 +70,7 @@ def test_pruning_leaves_gaps_that_save_and_load_keep(tmp_path):
     generator = torch.Generator().manual_seed(0)
     for lora in model.expert_loras():
         lora.lora_B.data.normal_(generator=generator)
-        lora.importance.ema_a.uniform_(generator=generator)
-        lora.importance.ema_b.uniform_(generator=generator)
+        lora.importance.ema.uniform_(generator=generator)
     assert model.rank_map().eq(8).all()
     for step in range(20):
         model.update_and_allocate(step)

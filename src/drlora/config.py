@@ -86,6 +86,12 @@ class DRLoRAConfig:
         return {"grow": self.r_init, "fixed": self.r_target, "prune": self.r_max}[self.allocation]
 
     @property
+    def needs_importance(self) -> bool:
+        """Whether any decision reads the per-rank importance (fixed allocations and routing-only growth do not, so
+        their backward skips the statistics)."""
+        return self.allocation == "prune" or (self.allocation == "grow" and self.signal != "routing")
+
+    @property
     def extra_rank(self) -> int:
         return self.r_target if self.extra_r is None else self.extra_r
 

@@ -2,11 +2,15 @@
 
 For each adapted projection of one fused-experts module: A [E, r_max, in], B [E, out, r_max] and an active-rank
 mask [E, r_max]. The update is ΔW_e = s · B_e diag(m_e) A_e with s = lora_alpha / r_max constant. It is applied on
-the routed tokens only, grouped by expert with grouped matmuls — a per-expert ΔW is never materialised in training.
+the routed tokens only, grouped by expert with grouped matmuls (grouped.py) — a per-expert ΔW is never materialised
+in training.
 
 The mask multiplies the rank activations h = x·Aᵀ of each routed row in the forward pass, so a masked rank
 contributes nothing and its A row and B column get exactly zero gradient by construction (not by zeroing .grad
-afterwards, which ZeRO would already have consumed).
+afterwards, which ZeRO would already have consumed). The matmuls only run over the *active width* — the ranks up to
+the highest active one, rounded up for the kernels' alignment — so a DR-LoRA run pays for r_init-wide LoRA early in
+training, not for r_max. The backward computes the six grouped matmuls by hand and hands the per-rank grad·weight
+sums to the importance statistics on the way.
 Growth flips mask bits; masked A rows keep their (seeded) initial values and B columns stay zero, so a new rank
 starts as initialised, the model's output does not move, and nothing else has to be written — which keeps
 optimizers that hold their own master copy of the weights (DeepSpeed, FSDP mixed precision) consistent.
@@ -14,56 +18,14 @@ optimizers that hold their own master copy of the weights (DeepSpeed, FSDP mixed
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grouped import RoutedRows, combine, dispatch, grouped_linear, grouped_mm, grouped_outer, route, sort_weights
 from .signals import RankImportance, RoutingFrequency, in_backward
-
-logger = logging.getLogger(__name__)
-_warned_fallback = False
-
-
-def _grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cuda":  # the CUDA kernel takes bfloat16 on SM >= 80
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    if x.device.type != "cpu":
-        return False
-    # the CPU kernel needs 16-byte aligned strides and data pointers
-    size = x.element_size()
-    return (x.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0 and x.data_ptr() % 16 == 0 \
-        and w.data_ptr() % 16 == 0
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of `x` [N, K] sorted by expert, times that expert's `w` [E, K, M]; `offsets` are cumulative row ends."""
-    x = x.to(w.dtype)
-    if _grouped_mm_usable(x, w):
-        return F.grouped_mm(x, w, offs=offsets)
-    global _warned_fallback
-    if not _warned_fallback:
-        logger.warning("torch.nn.functional.grouped_mm is unavailable for these shapes/device (%s, K=%d, M=%d); "
-                       "using a per-expert loop, which is slower at large expert counts.", x.device.type,
-                       x.shape[1], w.shape[2])
-        _warned_fallback = True
-    pieces, start = [], 0
-    for expert, end in enumerate(offsets.tolist()):
-        pieces.append(x[start:end] @ w[expert])
-        start = end
-    pieces.append(x.new_zeros(x.shape[0] - start, w.shape[2]))  # rows past the last offset (none when routed)
-    return torch.cat(pieces)
-
-
-def _grouped_linear(x, weight, offsets, bias, is_transposed):
-    out = grouped_mm(x, weight if is_transposed else weight.transpose(-2, -1), offsets)
-    if bias is not None:
-        out.add_(bias)
-    return out
 
 
 def kaiming_init(num_experts: int, rank: int, in_features: int, seed: int) -> torch.Tensor:
@@ -71,6 +33,56 @@ def kaiming_init(num_experts: int, rank: int, in_features: int, seed: int) -> to
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(in_features)
     return torch.empty(num_experts, rank, in_features).uniform_(-bound, bound, generator=generator)
+
+
+class _AddExpertLoRA(torch.autograd.Function):
+    """base_out[:, columns] += s · (x A_wᵀ ⊙ mask) B_wᵀ per routed row, in place, over the active width w.
+
+    Hand-written because autograd would differentiate the in-place add on a column slice through a copy of the whole
+    output gradient, and because the backward's rank activations give the importance statistics almost for free
+    (signals.RankImportance) where hooks on the parameters would need products over the full [E, r, features].
+    """
+
+    @staticmethod
+    def forward(ctx, base_out, x, lora_A, lora_B, rank_scale, routed: RoutedRows, columns, importance):
+        width = rank_scale.shape[1]
+        a, b = lora_A[:, :width], lora_B[:, :, :width]
+        ctx.x_dtype = x.dtype
+        x = x.to(lora_A.dtype)
+        row_scale = rank_scale.index_select(0, routed.expert_ids)  # [N, w]: mask · s of each row's expert
+        scaled_h = grouped_mm(x, a.transpose(1, 2), routed).mul_(row_scale)
+        base_out[:, columns] += grouped_mm(scaled_h, b.transpose(1, 2), routed).to(base_out.dtype)
+        ctx.mark_dirty(base_out)
+        ctx.save_for_backward(x, scaled_h, row_scale, lora_A, lora_B)
+        ctx.routed, ctx.columns, ctx.importance = routed, columns, importance
+        return base_out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, scaled_h, row_scale, lora_A, lora_B = ctx.saved_tensors
+        routed, width, needs = ctx.routed, row_scale.shape[1], ctx.needs_input_grad
+        a, b = lora_A[:, :width], lora_B[:, :, :width]
+        grad_y = grad_out[:, ctx.columns]
+        if grad_y.stride(-1) != 1:  # interleaved gate/up columns (GPT-OSS): the kernels want unit stride
+            grad_y = grad_y.contiguous()
+        grad_y = grad_y.to(b.dtype)
+        grad_scaled_h = grouped_mm(grad_y, b, routed)  # [N, w]
+        if ctx.importance is not None:  # Σ (∂L/∂A ⊙ A) over a rank's A row (= over its B column), per row
+            ctx.importance.accumulate(grad_scaled_h * scaled_h, routed.expert_ids)
+        grad_h = grad_scaled_h.mul_(row_scale)  # zero on masked ranks, and so are their A and B gradients
+        grad_x = grouped_mm(grad_h, a, routed).to(ctx.x_dtype) if needs[1] else None
+        grad_a = _pad_ranks(grouped_outer(grad_h, x, routed), lora_A, dim=1) if needs[2] else None  # [E, w, in]
+        grad_b = _pad_ranks(grouped_outer(grad_y, scaled_h, routed), lora_B, dim=2) if needs[3] else None
+        return grad_out, grad_x, grad_a, grad_b, None, None, None, None
+
+
+def _pad_ranks(grad: torch.Tensor, param: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient of the full r_max-wide parameter: zero beyond the active width (one pass over the memory)."""
+    missing = param.shape[dim] - grad.shape[dim]
+    if missing == 0:
+        return grad
+    padding = [0, 0] * (grad.dim() - 1 - dim) + [0, missing]  # F.pad lists the last dimension first
+    return F.pad(grad, padding)
 
 
 class ExpertLoRA(nn.Module):
@@ -88,16 +100,32 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("rank_mask", mask)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.importance = RankImportance(num_experts, r_max).to(device)
-        self.importance.attach(self.lora_A, self.lora_B)
+        self.track_importance = True  # off for fixed allocations, which never read it
+        self._scale_cache: tuple | None = None
 
-    def forward(self, x_sorted: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """LoRA output [N, out] for rows of `x_sorted` [N, in] grouped by expert (`expert_ids` [N], sorted)."""
-        h = grouped_mm(self.dropout(x_sorted), self.lora_A.transpose(1, 2), offsets)
-        # the mask and the scaling act on the rank activations h [N, r], row by row: far fewer elements than
-        # masking A [E, r, in] at large E, and a masked rank's h column is zero, so its A row and B column get
-        # exactly zero gradient
-        rank_scale = (self.rank_mask.to(h.dtype) * self.scaling)[expert_ids]
-        return grouped_mm(h * rank_scale, self.lora_B.transpose(1, 2), offsets)
+    def add_to(self, base_out: torch.Tensor, x: torch.Tensor, routed: RoutedRows, columns=slice(None)) -> torch.Tensor:
+        """Add the LoRA output of routed rows `x` [N, in] to `base_out[:, columns]` in place; returns `base_out`."""
+        importance = self.importance if self.track_importance and torch.is_grad_enabled() else None
+        return _AddExpertLoRA.apply(base_out, self.dropout(x), self.lora_A, self.lora_B, self.rank_scale(), routed,
+                                    columns, importance)
+
+    def rank_scale(self) -> torch.Tensor:
+        """mask · s over the active width, [E, w] in the LoRA's dtype.
+
+        The width is the highest active rank rounded up to a multiple of 16 bytes (the grouped-matmul kernels'
+        alignment), never 0. Cached until the mask changes (its version counter moves on every in-place write), so
+        the host reads the mask once per growth event, not once per forward.
+        """
+        mask, dtype = self.rank_mask, self.lora_A.dtype
+        cached = self._scale_cache
+        if cached is None or cached[0] is not mask or cached[1] != mask._version or cached[2] != dtype:
+            align = max(1, 16 // self.lora_A.element_size())
+            active = mask.any(0).nonzero()
+            highest = int(active.max()) + 1 if active.numel() else 0
+            width = min(self.r_max, max(align, -(-highest // align) * align))
+            cached = self._scale_cache = (mask, mask._version, dtype,
+                                          (mask[:, :width].to(dtype) * self.scaling).contiguous())
+        return cached[3]
 
     def ranks(self) -> torch.Tensor:
         return self.rank_mask.sum(-1)
@@ -115,19 +143,21 @@ class ExpertLoRA(nn.Module):
         The A rows are reset to their seeded initial values (in case weight decay shrank them while masked) and the
         B columns to zero, so each new rank starts exactly as initialised and the output does not change.
         """
-        if int(new_ranks.sum()) == 0:
+        device = self.rank_mask.device
+        new_ranks = torch.as_tensor(new_ranks, device=device)
+        ranks = self.ranks()
+        if int((ranks + new_ranks).max()) > self.r_max:
+            expert = int((ranks + new_ranks).argmax())
+            raise ValueError(f"expert {expert} cannot grow to {int(ranks[expert] + new_ranks[expert])} ranks: r_max "
+                             f"is {self.r_max}.")
+        slot = torch.arange(self.r_max, device=device)
+        new = (slot >= ranks[:, None]) & (slot < (ranks + new_ranks.clamp_min(0))[:, None])  # [E, r_max]
+        if not bool(new.any()):
             return
-        initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed)
-        ranks = self.ranks().tolist()
-        for expert, extra in enumerate(new_ranks.tolist()):
-            if extra <= 0:
-                continue
-            start, stop = ranks[expert], ranks[expert] + extra
-            if stop > self.r_max:
-                raise ValueError(f"expert {expert} cannot grow to {stop} ranks: r_max is {self.r_max}.")
-            self.lora_A[expert, start:stop] = initial[expert, start:stop].to(self.lora_A)
-            self.lora_B[expert, :, start:stop] = 0
-            self.rank_mask[expert, start:stop] = True
+        initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed).to(self.lora_A)
+        self.lora_A[new] = initial[new]
+        self.lora_B.masked_fill_(new[:, None, :], 0)
+        self.rank_mask |= new
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -155,42 +185,35 @@ def dr_lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """Experts forward with DR-LoRA, bound to a transformers fused-experts module (`self`).
 
-    Mirrors transformers' grouped_mm experts implementation op for op, so with B = 0 the output is the base
-    model's exactly, and adds the LoRA terms on the routed tokens, grouped by expert.
+    Computes what transformers' grouped_mm experts implementation computes, op for op (so with B = 0 the output is
+    the base model's exactly), and adds the LoRA terms in place on the routed rows, grouped by expert.
     """
     adapter: ExpertsAdapter = self.dr_lora
     if self.training and not in_backward():  # count real training forwards once, not checkpoint recomputes
         adapter.frequency.record(top_k_index, top_k_weights.detach())
-    num_tokens, hidden_dim = hidden_states.shape
-    num_top_k = top_k_index.size(-1)
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // num_top_k]
-    sample_weights = top_k_weights.reshape(-1)[perm]
-    counts_input = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
-    counts = torch.histc(counts_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    routed = route(top_k_index, self.num_experts)
+    x = dispatch(hidden_states, routed)
+    loras = adapter.projections
 
     up_weight = self.gate_up_proj if self.has_gate else self.up_proj
     up_bias = None
     if self.has_bias:
-        up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[expert_ids]
-    proj = _grouped_linear(x, up_weight, offsets, up_bias, self.is_transposed)
+        up_bias = self.gate_up_proj_bias if self.has_gate else self.up_proj_bias
+    proj = grouped_linear(x, up_weight, routed, up_bias, self.is_transposed)
     for name in ("gate", "up"):
-        if name in adapter.projections:
-            proj[:, adapter.slices[name]] += adapter.projections[name](x, offsets, expert_ids)
+        if name in loras:
+            proj = loras[name].add_to(proj, x, routed, adapter.slices[name])
     hidden = self._apply_gate(proj) if self.has_gate else self.act_fn(proj)
 
-    down_bias = self.down_proj_bias[expert_ids] if self.has_bias else None
-    out = _grouped_linear(hidden, self.down_proj, offsets, down_bias, self.is_transposed)
-    if "down" in adapter.projections:
-        out += adapter.projections["down"](hidden, offsets, expert_ids)
+    down_bias = self.down_proj_bias if self.has_bias else None
+    out = grouped_linear(hidden, self.down_proj, routed, down_bias, self.is_transposed)
+    if "down" in loras:
+        out = loras["down"].add_to(out, hidden, routed)
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)
 
-    weighted = out * sample_weights.unsqueeze(-1)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
-    return weighted[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+    weighted = out * sort_weights(top_k_weights, routed).unsqueeze(-1)
+    return combine(weighted, routed).to(hidden_states.dtype)
 
 
 class LinearLoRA(nn.Module):

@@ -77,6 +77,7 @@ class DRLoRAModel(nn.Module):
                                          cfg.initial_rank, cfg.scaling, cfg.lora_dropout,
                                          seed=_mix(cfg.seed, layer.index, p_index), dtype=weight.dtype,
                                          device=weight.device)
+                loras[proj].track_importance = cfg.needs_importance
             layer.experts.dr_lora = ExpertsAdapter(layer, loras)
             layer.experts.forward = types.MethodType(dr_lora_experts_forward, layer.experts)
 

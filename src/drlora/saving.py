@@ -195,7 +195,6 @@ def merge_and_unload(drlora) -> nn.Module:
                 weight[:, :, sl] += delta.transpose(1, 2).to(weight.dtype)
             else:  # [E, out, in]
                 weight[:, sl, :] += delta.to(weight.dtype)
-            lora.importance.detach_hooks()
         del experts.dr_lora
         del experts.forward  # back to the class's forward (transformers' dispatch)
     for _, module, handle in drlora._extra_handles:

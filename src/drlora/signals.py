@@ -5,9 +5,9 @@
   per real training forward: not in eval mode, and not again when activation checkpointing recomputes the forward
   during backward.
 * `RankImportance` — g: per rank of one projection, |Σ (∂L/∂A ⊙ A)| over the A row and |Σ (∂L/∂B ⊙ B)| over the B
-  column, from the gradient accumulated over one optimizer step. Gradient hooks sum the signed products per
-  micro-batch (the sum is linear, so this equals the product of the accumulated gradient), which works whatever
-  wraps the parameters afterwards (DDP, ZeRO, FSDP).
+  column (the same number, see the class), from the gradient accumulated over one optimizer step. The LoRA's backward adds the signed products of
+  every micro-batch (the sum is linear, so this equals the product of the accumulated gradient) from the gradient it
+  has just computed, before anything that wraps the parameters (DDP, ZeRO, FSDP) reduces or partitions it.
 
 Per-step sums are plain tensors, not buffers, so DistributedDataParallel's buffer broadcast cannot overwrite one
 process's sums with another's; they are all-reduced across processes (when torch.distributed is initialised) before they enter the EMAs,
@@ -58,63 +58,57 @@ class RoutingFrequency(nn.Module):
 
 
 class RankImportance(nn.Module):
-    """Per-rank |grad·weight| sensitivity of one projection's LoRA factors, A side and B side."""
+    """Per-rank |grad·weight| sensitivity of one projection's LoRA factors.
+
+    The A-side sum of rank j, Σ_k (∂L/∂A ⊙ A)_jk, and the B-side sum, Σ_k (∂L/∂B ⊙ B)_kj, are the same number: A_j
+    and B_j reach the loss only through the rank's activation h_j on each routed row, so both equal
+    Σ_rows h_j · ∂L/∂h_j — the first-order change of the loss when rank j's output is scaled. One sum therefore
+    serves both sides; it costs O(rows × rank) from the backward's rank activations instead of two
+    O(experts × rank × features) products with the weight gradients. The 'product' combination of the two sides
+    is its square, the 'sum' combination twice it.
+    """
 
     def __init__(self, num_experts: int, r_max: int):
         super().__init__()
-        self.register_buffer("ema_a", torch.zeros(num_experts, r_max))
-        self.register_buffer("ema_b", torch.zeros(num_experts, r_max))
-        self.step_a = torch.zeros(num_experts, r_max)
-        self.step_b = torch.zeros(num_experts, r_max)
-        self._handles: list = []
+        self.register_buffer("ema", torch.zeros(num_experts, r_max))
+        self.step_sum = torch.zeros(num_experts, r_max)
 
     def _apply(self, fn, recurse=True):  # keep the per-step sums on the module's device
         super()._apply(fn, recurse)
-        self.step_a, self.step_b = self.step_a.to(self.ema_a.device), self.step_b.to(self.ema_a.device)
+        self.step_sum = self.step_sum.to(self.ema.device)
         return self
 
-    def attach(self, lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
-        """Sum grad·weight per rank at every backward: A rows [E, r, in] over in, B columns [E, out, r] over out."""
-        self.detach_hooks()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "ema_a" in state_dict and prefix + "ema" not in state_dict:  # drlora <= 0.1 kept both sides
+            state_dict[prefix + "ema"] = state_dict.pop(prefix + "ema_a")
+            state_dict.pop(prefix + "ema_b", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-        def on_grad_a(grad):
-            with torch.no_grad():
-                self.step_a.add_((grad.float() * lora_A.float()).sum(-1))
-
-        def on_grad_b(grad):
-            with torch.no_grad():
-                self.step_b.add_((grad.float() * lora_B.float()).sum(-2))
-
-        self._handles = [lora_A.register_hook(on_grad_a), lora_B.register_hook(on_grad_b)]
-
-    def detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    @torch.no_grad()
+    def accumulate(self, h_times_grad: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Add one backward's h_j · ∂L/∂h_j [rows, w] (the first w ranks) to each row's expert."""
+        self.step_sum[:, :h_times_grad.shape[1]].index_add_(0, expert_ids, h_times_grad.to(self.step_sum.dtype))
 
     @torch.no_grad()
     def update(self, beta: float) -> None:
-        self.ema_a.mul_(beta).add_(self.step_a.abs(), alpha=1.0 - beta)
-        self.ema_b.mul_(beta).add_(self.step_b.abs(), alpha=1.0 - beta)
+        self.ema.mul_(beta).add_(self.step_sum.abs(), alpha=1.0 - beta)
         self.clear_step()
 
     def clear_step(self) -> None:
-        self.step_a.zero_()
-        self.step_b.zero_()
+        self.step_sum.zero_()
 
     @torch.no_grad()
     def reset(self) -> None:
         """Start the EMA afresh (after a growth event, ranks and their meaning changed)."""
-        self.ema_a.zero_()
-        self.ema_b.zero_()
+        self.ema.zero_()
 
     def per_rank(self, mode: str) -> torch.Tensor:
         """Combined sensitivity [E, r_max]: A-side × B-side ('product', the paper) or A + B ('sum')."""
-        return self.ema_a * self.ema_b if mode == "product" else self.ema_a + self.ema_b
+        return self.ema * self.ema if mode == "product" else 2.0 * self.ema
 
     def per_expert(self, mode: str, mask: torch.Tensor) -> torch.Tensor:
         """Mean combined sensitivity over each expert's active ranks: [E]."""
-        active = mask.to(self.ema_a.dtype)
+        active = mask.to(self.ema.dtype)
         return (self.per_rank(mode) * active).sum(-1) / active.sum(-1).clamp_min(1.0)
 
 
@@ -124,7 +118,7 @@ def all_reduce_step_sums(frequencies: list[RoutingFrequency], importances: list[
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     parts = [t for f in frequencies for t in (f.step_mass, f.step_tokens.reshape(1))]
-    parts += [t.reshape(-1) for imp in importances for t in (imp.step_a, imp.step_b)]
+    parts += [imp.step_sum.reshape(-1) for imp in importances]
     flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     world = dist.get_world_size()
@@ -135,8 +129,7 @@ def all_reduce_step_sums(frequencies: list[RoutingFrequency], importances: list[
             t.copy_(flat[offset:offset + n].reshape(t.shape))
             offset += n
     for imp in importances:
-        for t in (imp.step_a, imp.step_b):
-            n = t.numel()
-            # the effective gradient of data parallelism is the mean of the processes' gradients
-            t.copy_(flat[offset:offset + n].reshape(t.shape) / world)
-            offset += n
+        n = imp.step_sum.numel()
+        # the effective gradient of data parallelism is the mean of the processes' gradients
+        imp.step_sum.copy_(flat[offset:offset + n].reshape(imp.step_sum.shape) / world)
+        offset += n
