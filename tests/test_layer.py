@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drlora import get_dr_lora_model
-from drlora.layer import kaiming_init
+from drlora.layer import dropout_keep_mask, kaiming_init
 from tiny_models import FAMILIES, small_config, tiny_moe, token_batch, train
 
 
@@ -206,3 +206,51 @@ def test_fast_path_matches_a_per_expert_reference_in_output_gradients_and_import
         torch.testing.assert_close(step_sum, a_side, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(step_sum, (lora.lora_B.grad * lora.lora_B).sum(-2), rtol=1e-4, atol=1e-7)
         assert step_sum.abs().sum() > 0
+
+
+def test_dropout_mask_drops_at_the_configured_rate_in_every_bit_lane():
+    torch.manual_seed(0)
+    keep = dropout_keep_mask((999, 1000), 0.1, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (999, 1000)
+    drop = 1.0 - keep.float()
+    assert abs(float(drop.mean()) - 0.1) < 0.002
+    lanes = drop.reshape(-1, 3).mean(0)  # the 3 elements drawn from one 64-bit word are each unbiased
+    assert (lanes - 0.1).abs().max() < 0.003
+    torch.manual_seed(0)
+    assert torch.equal(dropout_keep_mask((999, 1000), 0.1, torch.device("cpu")), keep)  # seeded like torch
+
+
+def test_lora_dropout_forward_and_gradients_match_a_reference_with_the_same_mask(monkeypatch):
+    import drlora.layer as layer
+
+    torch.manual_seed(0)
+    num_experts, features_in, features_out, p = 4, 16, 8, 0.5
+    lora = layer.ExpertLoRA(num_experts, features_in, features_out, r_max=8, r_init=4, scaling=2.0, dropout=p,
+                            seed=0, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    routed = layer.route(torch.randint(0, num_experts, (10, 2)), num_experts)
+    x = torch.randn(20, features_in, requires_grad=True)
+    base = torch.randn(20, features_out, requires_grad=True)
+    grad_out = torch.randn(20, features_out)
+    masks = []
+    real = layer.dropout_keep_mask
+    monkeypatch.setattr(layer, "dropout_keep_mask", lambda *a: masks.append(real(*a)) or masks[-1])
+    lora.train()
+    (lora.add_to(base * 1.0, x, routed) * grad_out).sum().backward()
+    grads = [t.grad.clone() for t in (x, base, lora.lora_A, lora.lora_B)]
+    for t in (x, base, lora.lora_A, lora.lora_B):
+        t.grad = None
+
+    dropped = x * masks[0] / (1 - p)
+    delta = torch.stack([_delta(lora, e) for e in range(num_experts)])  # [E, out, in]
+    reference = base + torch.einsum("noi,ni->no", delta[routed.expert_ids], dropped)
+    (reference * grad_out).sum().backward()
+    for got, want in zip(grads, (x.grad, base.grad, lora.lora_A.grad, lora.lora_B.grad)):
+        torch.testing.assert_close(got, want)
+    assert 0 < int((~masks[0]).sum()) < masks[0].numel()
+    lora.eval()  # no dropout outside training
+    masks.clear()
+    with torch.no_grad():
+        lora.add_to(base.detach().clone(), x.detach(), routed)
+    assert masks == []
