@@ -31,6 +31,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import platform
 import statistics
 import sys
 import time
@@ -234,8 +235,21 @@ def print_table(results: dict) -> None:
         print(f"step-time growth {names[0]} -> {names[-1]}: " + ", ".join(f"{v} {g:.2f}x" for v, g in growth.items()))
 
 
+def machine() -> str:
+    """CPU model and core count (or the GPU's name), for the report."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin",
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
@@ -246,9 +260,9 @@ def parse_args(argv=None):
     parser.add_argument("--projections", default="up,down", help="expert projections drlora adapts")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="drlora's LoRA dropout (PEFT refuses dropout on parameters, so 0 compares like with like)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and LoRA dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
     parser.add_argument("--out", default="bench_step_time.json", help="where the JSON goes")
     args = parser.parse_args(argv)
@@ -279,7 +293,8 @@ def main(argv=None) -> None:
                   f"growth event {events}", flush=True)
     print_table(results)
     report = {"command": "python bench/step_time.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "torch": torch.__version__, "threads": args.threads, "device": args.device,
+              "machine": machine(), "torch": torch.__version__, "threads": args.threads, "device": args.device,
+              "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_", "OMP_"))},
               "dtype": str(args.dtype), "rank": args.rank, "projections": args.projections,
               "lora_dropout": args.lora_dropout, "results": results}
     tmp = args.out + ".tmp"

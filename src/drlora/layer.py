@@ -10,7 +10,7 @@ contributes nothing and its A row and B column get exactly zero gradient by cons
 afterwards, which ZeRO would already have consumed). The matmuls only run over the *active width* — the ranks up to
 the highest active one, rounded up for the kernels' alignment — so a DR-LoRA run pays for r_init-wide LoRA early in
 training, not for r_max. The backward computes the six grouped matmuls by hand and hands the per-rank grad·weight
-sums to the importance statistics on the way.
+sums to the importance statistics on the way; LoRA dropout happens inside too, with a cheap mask (dropout_keep_mask).
 Growth flips mask bits; masked A rows keep their (seeded) initial values and B columns stay zero, so a new rank
 starts as initialised, the model's output does not move, and nothing else has to be written — which keeps
 optimizers that hold their own master copy of the weights (DeepSpeed, FSDP mixed precision) consistent.
@@ -53,8 +53,8 @@ class _AddExpertLoRA(torch.autograd.Function):
     """base_out[:, columns] += s · (drop(x) A_wᵀ ⊙ mask) B_wᵀ per routed row, in place, over the active width w.
 
     Hand-written because autograd would differentiate the in-place add on a column slice through a copy of the whole
-    output gradient, and because the backward's rank activations give the importance statistics almost for free (signals.RankImportance) where hooks
-    on the parameters would need products over the full [E, r, features].
+    output gradient, and because the backward's rank activations give the importance statistics almost for free
+    (signals.RankImportance), where hooks on the parameters would need products over the full [E, r, features].
     """
 
     @staticmethod
@@ -114,7 +114,8 @@ class ExpertLoRA(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int, r_max: int, r_init: int,
                  scaling: float, dropout: float, seed: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.num_experts, self.in_features, self.out_features, self.r_max = num_experts, in_features, out_features, r_max
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.r_max = r_max
         self.scaling = scaling
         self.seed = seed
         self.lora_A = nn.Parameter(kaiming_init(num_experts, r_max, in_features, seed).to(device=device, dtype=dtype))

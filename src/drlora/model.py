@@ -287,7 +287,8 @@ class DRLoRAModel(nn.Module):
         ranks = torch.as_tensor(ranks, dtype=torch.long)
         expected = (len(self.adapters), self.adapters[0].frequency.ema.numel())
         if tuple(ranks.shape) != expected or int(ranks.min()) < 0 or int(ranks.max()) > self.drlora_config.r_max:
-            raise ValueError(f"a rank map must be {list(expected)} with ranks in [0, r_max={self.drlora_config.r_max}], "
+            r_max = self.drlora_config.r_max
+            raise ValueError(f"a rank map must be {list(expected)} with ranks in [0, r_max={r_max}], "
                              f"got shape {list(ranks.shape)} and ranks {int(ranks.min())}..{int(ranks.max())}.")
         for adapter, row in zip(self.adapters, ranks):
             for lora in adapter.projections.values():

@@ -5,13 +5,13 @@
   per real training forward: not in eval mode, and not again when activation checkpointing recomputes the forward
   during backward.
 * `RankImportance` — g: per rank of one projection, |Σ (∂L/∂A ⊙ A)| over the A row and |Σ (∂L/∂B ⊙ B)| over the B
-  column (the same number, see the class), from the gradient accumulated over one optimizer step. The LoRA's backward adds the signed products of
-  every micro-batch (the sum is linear, so this equals the product of the accumulated gradient) from the gradient it
-  has just computed, before anything that wraps the parameters (DDP, ZeRO, FSDP) reduces or partitions it.
+  column (the same number, see the class), from the gradient accumulated over one optimizer step. The LoRA's
+  backward adds the signed sums of every micro-batch (the sum is linear, so this equals the accumulated gradient's)
+  as it computes them, before anything that wraps the parameters (DDP, ZeRO, FSDP) reduces or partitions gradients.
 
 Per-step sums are plain tensors, not buffers, so DistributedDataParallel's buffer broadcast cannot overwrite one
-process's sums with another's; they are all-reduced across processes (when torch.distributed is initialised) before they enter the EMAs,
-so every process holds the same statistics and makes the same growth decision.
+process's sums with another's; they are all-reduced across processes (when torch.distributed is initialised) before
+they enter the EMAs, so every process holds the same statistics and makes the same growth decision.
 """
 
 from __future__ import annotations
