@@ -52,7 +52,9 @@ class DRLoRAConfig:
     beta_g: float = _help("EMA decay of the per-rank importance.", 0.9)
     gamma: float = _help("Rank penalty exponent: saliency is f * g / (r + 1) ** gamma.", 1.2)
     importance: str = _help("How the A-side and B-side sensitivities of a rank combine: 'product' (paper) or "
-                            "'sum' (authors' code).", "product")
+                            "'sum' (authors' code). The two sides are the same number s (|Σ grad·weight| over the "
+                            "A row equals it over the B column), so 'product' ranks by s² and 'sum' by 2s.",
+                            "product")
     allocation: str = _help(
         "How ranks change: 'grow' (DR-LoRA: from r_init by saliency to r_target), 'fixed' (set once before training, "
         "uniform r_target unless the model is given a rank map — the LoRA, static and ESFT baselines) or 'prune' "
