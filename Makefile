@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # keep their own CUDA build. Installing it first means the range is already satisfied afterwards.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: test demo setup clean
+.PHONY: test demo bench setup clean
 
 # drlora and its runtime dependencies: all `make demo` needs.
 $(VENV)/.core: pyproject.toml Makefile
@@ -29,6 +29,10 @@ test: setup
 
 demo: $(VENV)/.core
 	$(VENV)/bin/drlora train configs/demo.yaml
+
+# step time and memory against the frozen model and PEFT (docs/PERFORMANCE.md); e.g. make bench ARGS="--configs olmoe-e64"
+bench: $(VENV)/.core
+	$(PY) bench/step_time.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

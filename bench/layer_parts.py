@@ -9,7 +9,8 @@ their ratio. `bench/step_time.py` measures whole training steps; this script exp
 * dispatch + combine — tokens to expert-sorted rows and back: plain indexing (what transformers' grouped_mm
   experts path does; its backward is an accumulating index_put) against drlora.grouped's gathers;
 * expert LoRA on `up` at the full width r_max and at an early DR-LoRA width (r_init active), with and without the
-  importance statistics, against plain autograd over the same grouped matmuls with hooks on the parameters;
+  importance statistics, against plain autograd over the same grouped matmuls with hooks on the parameters (and,
+  for scale, the frozen `up` product it is added to);
 * LoRA dropout on the routed rows — drlora's 16-bit mask against nn.Dropout's Bernoulli draw.
 
 Timings are never asserted anywhere; these machines are noisy, which is why every comparison is interleaved.
@@ -118,6 +119,13 @@ def main(argv=None) -> None:
             x.grad = base_out.grad = lora.lora_A.grad = lora.lora_B.grad = None
         return run
 
+    weight = torch.randn(experts, inter, hidden) / hidden**0.5
+
+    def base_projection():  # what the LoRA is added to: the frozen `up` product, forward and input gradient
+        F.grouped_mm(x, weight.transpose(1, 2), offs=routed.offsets).backward(grad_out)
+        x.grad = None
+
+    report("base up projection (reference)", interleaved({"grouped_mm": base_projection}, args.rounds))
     for active in (args.r_max, args.r_init):
         tracked, untracked = lora_module(active), lora_module(active)
         untracked.track_importance = False

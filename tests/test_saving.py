@@ -116,3 +116,16 @@ def test_save_leaves_no_temporary_files(tmp_path):
 def test_config_round_trips_through_dict():
     config = DRLoRAConfig(r_init=4, r_target=8, r_max=16, target_projections=("gate", "down"))
     assert DRLoRAConfig.from_dict(config.to_dict()) == config
+
+
+def test_training_state_of_drlora_0_1_with_two_importance_buffers_still_loads():
+    model = get_dr_lora_model(tiny_moe("olmoe"), small_config())
+    state = model.state_dict()
+    legacy = {}
+    for name, value in state.items():
+        if name.endswith("importance.ema"):  # 0.1 kept the A side and the B side, equal up to rounding
+            legacy[name + "_a"], legacy[name + "_b"] = value + 1.0, value + 1.0
+        else:
+            legacy[name] = value
+    model.load_state_dict(legacy)
+    assert all(bool((lora.importance.ema == 1.0).all()) for lora in model.expert_loras())

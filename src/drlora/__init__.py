@@ -1,6 +1,6 @@
 """drlora: DR-LoRA — per-expert LoRA whose ranks grow where the task needs capacity — for transformers MoE models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .allocator import GrowthSchedule, plan_growth, saliency  # noqa: E402
 from .callback import DRLoRACallback  # noqa: E402

@@ -79,7 +79,7 @@ class RankImportance(nn.Module):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "ema_a" in state_dict and prefix + "ema" not in state_dict:  # drlora <= 0.1 kept both sides
+        if prefix + "ema_a" in state_dict and prefix + "ema" not in state_dict:  # drlora 0.1 kept both sides
             state_dict[prefix + "ema"] = state_dict.pop(prefix + "ema_a")
             state_dict.pop(prefix + "ema_b", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
