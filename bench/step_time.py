@@ -1,13 +1,14 @@
 """Step time and peak memory of expert LoRA: the floor, drlora uniform LoRA, DR-LoRA mid-growth and PEFT.
 
     python bench/step_time.py [--configs olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin]
-                              [--steps 8] [--rank 32] [--out bench_step_time.json]
+                              [--steps 8] [--rank 32] [--out runs/bench/step_time.json]
 
 For each model config, five variants of the same model, batch and seed:
 
 * (a) floor  — only the routers trainable: backward still runs through the whole network, so this is what any
   adapter pays at least;
-* (b) lora   — drlora `allocation="fixed"`, every expert at r = r_max (mask all ones);
+* (b) lora   — drlora `allocation="fixed"`, every expert at r = r_max (mask all ones; no statistics, which fixed
+  allocations never read);
 * (c) dr-lora — drlora growing from r_init (= r_max / 4) of r_max: importance statistics on, `update_and_allocate`
   every step, one growth event in the first timed step; its matmuls run over the active width (the highest active
   rank, rounded up), as a real run's do early on;
@@ -264,7 +265,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
-    parser.add_argument("--out", default="bench_step_time.json", help="where the JSON goes")
+    parser.add_argument("--out", default="runs/bench/step_time.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
@@ -297,6 +298,7 @@ def main(argv=None) -> None:
               "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_", "OMP_"))},
               "dtype": str(args.dtype), "rank": args.rank, "projections": args.projections,
               "lora_dropout": args.lora_dropout, "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as handle:
         json.dump(report, handle, indent=2)

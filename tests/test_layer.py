@@ -278,3 +278,19 @@ def test_activation_checkpointing_recomputes_the_same_dropout_and_gradients(reen
     torch.manual_seed(8)  # a different dropout draw does change the gradients: the comparison above is not vacuous
     _, other = _loss_and_grads(model, x)
     assert any(not torch.allclose(other[n], plain[n]) for n in plain if "lora_A" in n)
+
+
+def test_ranks_grown_past_the_cached_width_learn_at_once():
+    # fp32 width is a multiple of 4: r_init 4 runs 4 wide; growing to 7 must widen the next forward to 8
+    model = get_dr_lora_model(tiny_moe("olmoe"), small_config(r_init=4, r_target=6, r_max=16))
+    x = token_batch()
+    _loss_and_grads(model, x)  # caches the 4-wide rank scale
+    for lora in model.expert_loras():
+        lora.grow(torch.full((lora.num_experts,), 3))
+        with torch.no_grad():
+            lora.lora_B.normal_(0, 0.1).mul_(lora.rank_mask.unsqueeze(1))
+    _, grads = _loss_and_grads(model, x)
+    for lora in model.expert_loras():
+        assert lora.rank_scale().shape[1] == 8
+        assert lora.lora_A.grad[:, 4:7].abs().sum() > 0 and lora.lora_B.grad[:, :, 4:7].abs().sum() > 0
+        assert lora.lora_A.grad[:, 7:].abs().max() == 0 and lora.lora_B.grad[:, :, 7:].abs().max() == 0

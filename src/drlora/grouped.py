@@ -5,11 +5,11 @@ An MoE layer sends each of its T tokens to k experts. Sorting the T·k (token, e
 (`torch.nn.functional.grouped_mm`). The base experts and every LoRA of the layer share one `RoutedRows`.
 
 Why the moves have their own autograd functions: indexing `hidden[rows]` differentiates into `index_put_` with
-accumulation — a serial scatter on the CPU (measured 11 ms of a 14 ms dispatch + combine at T=512, k=8, H=512) and
-atomics on a GPU. Here the routing is a permutation of the k copies of each token, so the adjoint of every move is
-again a gather: the gradient of dispatch is combine and the gradient of combine is dispatch. The values are the
-same as transformers' own grouped_mm experts path, op for op, so an adapter with B = 0 reproduces the base model
-bit for bit.
+accumulation — a serial scatter on the CPU and atomics on a GPU (bench/layer_parts.py: dispatch + combine take
+~16 ms that way at T=512, k=8, H=512, and ~4 ms here). Here the routing is a permutation of the k copies of each
+token, so the adjoint of every move is again a gather: the gradient of dispatch is combine and the gradient of
+combine is dispatch. The values are the same as transformers' own grouped_mm experts path, op for op, so an adapter
+with B = 0 reproduces the base model bit for bit.
 """
 
 from __future__ import annotations
