@@ -294,3 +294,24 @@ def test_ranks_grown_past_the_cached_width_learn_at_once():
         assert lora.rank_scale().shape[1] == 8
         assert lora.lora_A.grad[:, 4:7].abs().sum() > 0 and lora.lora_B.grad[:, :, 4:7].abs().sum() > 0
         assert lora.lora_A.grad[:, 7:].abs().max() == 0 and lora.lora_B.grad[:, :, 7:].abs().max() == 0
+
+
+def test_per_expert_fallback_gives_the_grouped_matmuls_results(monkeypatch):
+    # the loop that runs where grouped_mm cannot (CUDA in fp32, misaligned shapes) must train like the kernel
+    import drlora.grouped as grouped
+
+    model = get_dr_lora_model(tiny_moe("gpt_oss"), small_config(target_projections=("gate", "up", "down"),
+                                                                 lora_dropout=0.2))
+    with torch.no_grad():
+        for lora in model.expert_loras():
+            lora.lora_B.normal_(0, 0.1)
+    x = token_batch()
+    torch.manual_seed(3)
+    loss, grads = _loss_and_grads(model, x)
+    monkeypatch.setattr(grouped, "grouped_mm_usable", lambda a, b: False)
+    torch.manual_seed(3)
+    fallback_loss, fallback_grads = _loss_and_grads(model, x)
+    torch.testing.assert_close(fallback_loss, loss)
+    assert fallback_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fallback_grads[name], grads[name], msg=name)

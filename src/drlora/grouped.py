@@ -116,6 +116,15 @@ def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device.type == "cpu" and _aligned(a) and _aligned(b)
 
 
+def _expert_rows(routed: RoutedRows):
+    """(expert, row slice) of every expert that received rows — the fallback loops' iteration."""
+    start = 0
+    for expert, end in enumerate(routed.bounds):
+        if end > start:
+            yield expert, slice(start, end)
+        start = end
+
+
 def _warn_fallback(a: torch.Tensor, b: torch.Tensor) -> None:
     global _warned_fallback
     if not _warned_fallback:
@@ -131,13 +140,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, routed: RoutedRows) -> torch.Te
     if grouped_mm_usable(x, w):
         return F.grouped_mm(x, w, offs=routed.offsets)
     _warn_fallback(x, w)
-    out = x.new_zeros(x.shape[0], w.shape[2])
-    start = 0
-    for expert, end in enumerate(routed.bounds):
-        if end > start:
-            torch.mm(x[start:end], w[expert], out=out[start:end])
-        start = end
-    return out
+    pieces = [x[rows] @ w[expert] for expert, rows in _expert_rows(routed)]  # differentiable: base projections
+    covered = routed.bounds[-1] if routed.bounds else 0
+    pieces.append(x.new_zeros(x.shape[0] - covered, w.shape[2]))  # rows past the last expert's (none when routed)
+    return torch.cat(pieces)
 
 
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
@@ -147,11 +153,8 @@ def grouped_outer(a: torch.Tensor, b: torch.Tensor, routed: RoutedRows) -> torch
         return F.grouped_mm(a_t, b, offs=routed.offsets)
     _warn_fallback(a_t, b)
     out = a.new_zeros(routed.offsets.numel(), a.shape[1], b.shape[1])
-    start = 0
-    for expert, end in enumerate(routed.bounds):
-        if end > start:
-            torch.mm(a_t[:, start:end], b[start:end], out=out[expert])
-        start = end
+    for expert, rows in _expert_rows(routed):
+        out[expert] = a_t[:, rows] @ b[rows]
     return out
 
 

@@ -170,12 +170,12 @@ class ExpertLoRA(nn.Module):
         device = self.rank_mask.device
         new_ranks = torch.as_tensor(new_ranks, device=device)
         ranks = self.ranks()
-        if int((ranks + new_ranks).max()) > self.r_max:
-            expert = int((ranks + new_ranks).argmax())
-            raise ValueError(f"expert {expert} cannot grow to {int(ranks[expert] + new_ranks[expert])} ranks: r_max "
-                             f"is {self.r_max}.")
+        grown = ranks + new_ranks.clamp_min(0)
+        if int(grown.max()) > self.r_max:
+            expert = int(grown.argmax())
+            raise ValueError(f"expert {expert} cannot grow to {int(grown[expert])} ranks: r_max is {self.r_max}.")
         slot = torch.arange(self.r_max, device=device)
-        new = (slot >= ranks[:, None]) & (slot < (ranks + new_ranks.clamp_min(0))[:, None])  # [E, r_max]
+        new = (slot >= ranks[:, None]) & (slot < grown[:, None])  # [E, r_max]
         if not bool(new.any()):
             return
         initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed).to(self.lora_A)
