@@ -1,7 +1,8 @@
 """Step time and peak memory of expert LoRA: the floor, drlora uniform LoRA, DR-LoRA mid-growth and PEFT.
 
     python bench/step_time.py [--configs olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin]
-                              [--steps 8] [--rank 32] [--out runs/bench/step_time.json]
+                              [--steps 8] [--rank 32] [--keep-host-memory] [--interleave-configs]
+                              [--out runs/bench/step_time.json]
 
 For each model config, five variants of the same model, batch and seed:
 
@@ -17,9 +18,13 @@ For each model config, five variants of the same model, batch and seed:
 * (d) peft   — vanilla PEFT LoRA through `target_parameters` on the same fused expert weights, rank r.
 
 Steps (forward + backward + AdamW step) are interleaved across the variants in one process, because this machine's
-speed drifts; the table compares medians of the same rounds. Peak memory is measured separately, one fresh process
-per variant (its resident-set high-water mark during the steps, above what the process held before the first step;
-on CUDA, torch's allocator peak). Ratios are printed and written as JSON; timings are never asserted in tests.
+speed drifts; the table compares medians of the same rounds (with `--interleave-configs`, the rounds of all
+configs are shared too, so the growth from E = 16 to E = 128 is measured drift-free as well). Peak memory is
+measured separately, one fresh process per variant (its resident-set high-water mark during the steps, above what
+the process held before the first step; on CUDA, torch's allocator peak). Ratios are printed and written as JSON;
+timings are never asserted in tests.
+By default the process keeps glibc's allocator settings, as a plain training script does; `--keep-host-memory`
+applies `drlora train`'s default (drlora.host_memory: freed blocks stay in the process) to every variant alike.
 
 PEFT adapts whole fused parameters: on experts that fuse gate and up (OLMoE, Qwen-MoE) it adapts gate_up_proj,
 i.e. gate as well, while drlora adapts the projections in `--projections` (default up and down, its default).
@@ -146,28 +151,30 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_config(name: str, args) -> dict:
-    """Median step time of every variant, steps interleaved round by round."""
-    batch = token_batch(name, args.device)
+def time_configs(names: list[str], args) -> dict[str, tuple[dict, dict]]:
+    """Median step time of every variant of every named config, all their steps interleaved round by round."""
     steps, hooks = {}, {}
-    for variant in args.variants:
-        model, hook = build_variant(variant, name, args)
-        if hook is not None:
-            hook = hooks[variant] = TimedHook(hook)
-        steps[variant] = make_step(model, hook, batch)
-    times = {variant: [] for variant in args.variants}
+    for name in names:
+        batch = token_batch(name, args.device)
+        for variant in args.variants:
+            model, hook = build_variant(variant, name, args)
+            if hook is not None:
+                hook = hooks[name, variant] = TimedHook(hook)
+            steps[name, variant] = make_step(model, hook, batch)
+    times = {key: [] for key in steps}
     for round_index in range(args.warmup + args.steps):
-        for variant, step in steps.items():
+        for key, step in steps.items():
             synchronize(args.device)
             start = time.perf_counter()
             step()
             synchronize(args.device)
             if round_index >= args.warmup:
-                times[variant].append(time.perf_counter() - start)
-        print(f"  {name}: round {round_index + 1}/{args.warmup + args.steps}", flush=True)
-    hook_s = {variant: {"median_step_s": statistics.median(h.seconds) if h.seconds else None,
-                        "growth_event_s": h.event_seconds} for variant, h in hooks.items()}
-    return {variant: statistics.median(values) for variant, values in times.items()}, hook_s
+                times[key].append(time.perf_counter() - start)
+        print(f"  {'+'.join(names)}: round {round_index + 1}/{args.warmup + args.steps}", flush=True)
+    return {name: ({v: statistics.median(times[name, v]) for v in args.variants},
+                   {v: {"median_step_s": statistics.median(h.seconds) if h.seconds else None,
+                        "growth_event_s": h.event_seconds} for (n, v), h in hooks.items() if n == name})
+            for name in names}
 
 
 def _rss_kib(field: str) -> int:
@@ -179,7 +186,7 @@ def _rss_kib(field: str) -> int:
 
 
 def _memory_child(variant: str, name: str, args, queue) -> None:
-    torch.set_num_threads(args.threads)
+    set_up_process(args)
     batch = token_batch(name, args.device)
     model, hook = build_variant(variant, name, args)
     step = make_step(model, hook, batch)
@@ -265,6 +272,12 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--interleave-configs", action="store_true",
+                        help="run the steps of all configs in the same rounds (every model in memory at once), so "
+                             "the step-time growth across E compares medians of the same rounds too")
+    parser.add_argument("--keep-host-memory", action="store_true",
+                        help="keep freed host memory in the process for every variant, as `drlora train` does by "
+                             "default (drlora.host_memory); without it, glibc's defaults, as in a plain script")
     parser.add_argument("--out", default="runs/bench/step_time.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
@@ -275,26 +288,46 @@ def parse_args(argv=None):
     return args
 
 
+def record(results: dict, name: str, step_s: dict, hook_s: dict, args) -> None:
+    """Add one config's timings (and, unless --no-memory, its per-variant memory) to `results` and print them."""
+    memory = {} if args.no_memory else {v: peak_memory(v, name, args) for v in args.variants}
+    results[name] = {"step_s": step_s, "update_and_allocate": hook_s,
+                     "memory_bytes": {v: {"above_model": m[0], "peak": m[1]} for v, m in memory.items()},
+                     "ratios": ratios(step_s, memory)}
+    print_table({name: results[name]})
+    for variant, h in hook_s.items():
+        events = ", ".join(f"{1e3 * s:.1f} ms" for s in h["growth_event_s"]) or "none timed"
+        print(f"  {variant}: update_and_allocate {1e3 * (h['median_step_s'] or 0):.2f} ms per step; "
+              f"growth event {events}", flush=True)
+
+
+def set_up_process(args) -> str:
+    """Threads and host-memory policy, the same in the timing process and every memory process."""
+    torch.set_num_threads(args.threads)
+    if args.keep_host_memory:
+        from drlora.host_memory import keep_freed_host_memory
+
+        return keep_freed_host_memory()
+    return "host memory: glibc's defaults"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    host_memory = set_up_process(args)
+    print(host_memory, flush=True)
     results = {}
-    for name in args.configs.split(","):
-        print(f"{name}: timing {', '.join(args.variants)} ({args.warmup} + {args.steps} interleaved rounds)",
-              flush=True)
-        step_s, hook_s = time_config(name, args)
-        memory = {} if args.no_memory else {v: peak_memory(v, name, args) for v in args.variants}
-        results[name] = {"step_s": step_s, "update_and_allocate": hook_s,
-                         "memory_bytes": {v: {"above_model": m[0], "peak": m[1]} for v, m in memory.items()},
-                         "ratios": ratios(step_s, memory)}
-        print_table({name: results[name]})
-        for variant, h in hook_s.items():
-            events = ", ".join(f"{1e3 * s:.1f} ms" for s in h["growth_event_s"]) or "none timed"
-            print(f"  {variant}: update_and_allocate {1e3 * (h['median_step_s'] or 0):.2f} ms per step; "
-                  f"growth event {events}", flush=True)
+    names = args.configs.split(",")
+    for group in [names] if args.interleave_configs else [[name] for name in names]:
+        print(f"{' + '.join(group)}: timing {', '.join(args.variants)} ({args.warmup} + {args.steps} interleaved "
+              "rounds)", flush=True)
+        timed = time_configs(group, args)
+        for name in group:
+            record(results, name, *timed[name], args)
     print_table(results)
     report = {"command": "python bench/step_time.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "machine": machine(), "torch": torch.__version__, "threads": args.threads, "device": args.device,
+              "host_memory": host_memory,
+              "interleaved_configs": args.interleave_configs,
               "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_", "OMP_"))},
               "dtype": str(args.dtype), "rank": args.rank, "projections": args.projections,
               "lora_dropout": args.lora_dropout, "results": results}

@@ -72,6 +72,10 @@ class TrainingConfig:
     mixed_precision: str = _opt("no", "Autocast: no, bf16 or fp16 (GPU); the weights keep the base model's dtype.",
                                 ("no", "bf16", "fp16"))
     tensorboard: bool | None = _opt(None, "Write TensorBoard logs to output_dir/logs (null: when installed).")
+    keep_host_memory: bool = _opt(True, "Keep freed host memory in the process (glibc's malloc thresholds, see "
+                                        "drlora.host_memory): CPU steps stop page-faulting their tensors in again "
+                                        "(5-15% faster here; values unchanged), and the process holds its peak "
+                                        "memory until it exits.")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ..callback import DRLoRACallback
 from ..data import DataError
 from ..evaluate import evaluate_rows
 from ..fileio import write_json
+from ..host_memory import keep_freed_host_memory
 from ..loading import load_model, resolve_model
 from .config import RunConfig
 from .methods import build_method_model, build_peft_model
@@ -172,6 +173,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     folder.check_claim(config)
     if config.resume and not newest_complete_checkpoint(folder.checkpoints) and folder.config_file.is_file():
         print(f"drlora: {folder.path} has no complete checkpoint yet; starting from the beginning", flush=True)
+    if config.train.keep_host_memory:
+        print(f"drlora: {keep_freed_host_memory()}", flush=True)
     set_seed(config.seed)
     train_rows, eval_sets = training_rows(config), evaluation_sets(config)
     base, tokenizer = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
