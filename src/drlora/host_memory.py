@@ -4,9 +4,8 @@ Why this exists: torch's CPU allocator calls malloc and free directly — there 
 With glibc's defaults, blocks above the mmap threshold (which adapts, up to 32 MiB) are fresh mappings that free()
 unmaps, and the top of the heap goes back to the OS once more than M_TRIM_THRESHOLD of it is free. A training step
 frees its activations, logits and gradients, so the next step asks the kernel for the same memory again and
-touches it page by page, each page zero-filled. On the project's 2-core CPU that is 5–15 % of a step
-(docs/PERFORMANCE.md: `make demo` trains at 259 instead of 247 tokens/s with identical losses; an OLMoE-shaped
-step at 16 experts takes 0.396 instead of 0.430 s).
+touches it page by page, each page zero-filled. On the project's 2-core CPU that is up to ~15 % of a step
+(docs/PERFORMANCE.md; `make demo` trains at 259 instead of 247 tokens/s with it, with identical losses).
 
 Raising both thresholds keeps freed blocks in the heap for the next step: the effect PyTorch's CPU tuning guide
 gets from preloading jemalloc or tcmalloc, without a native dependency. The price is that the process holds on to
