@@ -1,7 +1,7 @@
 """Step time and peak memory of expert LoRA: the floor, drlora uniform LoRA, DR-LoRA mid-growth and PEFT.
 
     python bench/step_time.py [--configs olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin]
-                              [--steps 8] [--rank 32] [--keep-host-memory] [--interleave-configs]
+                              [--steps 8] [--rank 32] [--keep-host-memory] [--interleave-configs] [--no-mkl-batch]
                               [--out runs/bench/step_time.json]
 
 For each model config, five variants of the same model, batch and seed:
@@ -15,6 +15,9 @@ For each model config, five variants of the same model, batch and seed:
   rank, rounded up), as a real run's do early on;
 * (c') dr-lora-wide — the same with one expert per layer at r_max, so the matmuls run r_max wide like (b)'s: c'/b
   is the cost of the DR-LoRA machinery alone (statistics, masks, update_and_allocate, the growth event);
+* (c'') dr-lora-torch — (c) with drlora.mkl_batch switched off during its steps, so its grouped matmuls run on torch's
+  grouped_mm as the floor's do: c/c'' is what MKL's batched GEMM saves, measured in the same rounds (not run unless
+  named in --variants);
 * (d) peft   — vanilla PEFT LoRA through `target_parameters` on the same fused expert weights, rank r.
 
 Steps (forward + backward + AdamW step) are interleaved across the variants in one process, because this machine's
@@ -25,6 +28,8 @@ the process held before the first step; on CUDA, torch's allocator peak). Ratios
 timings are never asserted in tests.
 By default the process keeps glibc's allocator settings, as a plain training script does; `--keep-host-memory`
 applies `drlora train`'s default (drlora.host_memory: freed blocks stay in the process) to every variant alike.
+drlora runs its grouped matmuls through MKL's batched GEMM on the CPU where experts get few rows (drlora.mkl_batch);
+`--no-mkl-batch` puts them on torch's grouped_mm, as the floor's and PEFT's are, for a before/after.
 
 PEFT adapts whole fused parameters: on experts that fuse gate and up (OLMoE, Qwen-MoE) it adapts gate_up_proj,
 i.e. gate as well, while drlora adapts the projections in `--projections` (default up and down, its default).
@@ -55,7 +60,8 @@ CONFIGS = {
                                       num_attention_heads=16, num_key_value_heads=16), 4, 128),
     "builtin": ("builtin", {}, 8, 128),
 }
-VARIANTS = ("floor", "lora", "dr-lora", "dr-lora-wide", "peft")
+VARIANTS = ("floor", "lora", "dr-lora", "dr-lora-wide", "dr-lora-torch", "peft")
+DEFAULT_VARIANTS = ("floor", "lora", "dr-lora", "dr-lora-wide", "peft")
 
 
 def build_base(name: str, dtype: torch.dtype, device: str):
@@ -124,14 +130,22 @@ class TimedHook:
         (self.event_seconds if event is not None else self.seconds).append(time.perf_counter() - start)
 
 
-def make_step(model, hook, batch):
+def make_step(model, hook, batch, torch_kernels: bool = False):
+    """One training step; with `torch_kernels`, drlora's grouped matmuls stay on torch's grouped_mm during it."""
+    from drlora import mkl_batch
+
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   fused=batch.device.type in ("cpu", "cuda"))
     counter = iter(range(1 << 30))
 
     def step():
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        enabled = mkl_batch.enabled
+        mkl_batch.enabled = enabled and not torch_kernels
+        try:
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+        finally:
+            mkl_batch.enabled = enabled
         if hook is not None:
             hook(next(counter))
         optimizer.step()
@@ -160,7 +174,7 @@ def time_configs(names: list[str], args) -> dict[str, tuple[dict, dict]]:
             model, hook = build_variant(variant, name, args)
             if hook is not None:
                 hook = hooks[name, variant] = TimedHook(hook)
-            steps[name, variant] = make_step(model, hook, batch)
+            steps[name, variant] = make_step(model, hook, batch, variant == "dr-lora-torch")
     times = {key: [] for key in steps}
     for round_index in range(args.warmup + args.steps):
         for key, step in steps.items():
@@ -189,7 +203,7 @@ def _memory_child(variant: str, name: str, args, queue) -> None:
     set_up_process(args)
     batch = token_batch(name, args.device)
     model, hook = build_variant(variant, name, args)
-    step = make_step(model, hook, batch)
+    step = make_step(model, hook, batch, variant == "dr-lora-torch")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -215,7 +229,8 @@ def peak_memory(variant: str, name: str, args) -> tuple[int, int]:
 
 
 RATIOS = {"b/a": ("lora", "floor"), "c/a": ("dr-lora", "floor"), "c/b": ("dr-lora", "lora"),
-          "c'/b": ("dr-lora-wide", "lora"), "c/d": ("dr-lora", "peft"), "c'/d": ("dr-lora-wide", "peft")}
+          "c'/b": ("dr-lora-wide", "lora"), "c/d": ("dr-lora", "peft"), "c'/d": ("dr-lora-wide", "peft"),
+          "c/c''": ("dr-lora", "dr-lora-torch")}
 
 
 def ratios(t: dict, m: dict) -> dict:
@@ -227,19 +242,20 @@ def ratios(t: dict, m: dict) -> dict:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'config':<17}" + "".join(f"{v + ' s':>16}" for v in VARIANTS) + "".join(
+    variants = [v for v in VARIANTS if any(v in result["step_s"] for result in results.values())]
+    header = f"{'config':<17}" + "".join(f"{v + ' s':>16}" for v in variants) + "".join(
         f"{k:>7}" for k in RATIOS) + f"{'mem c/d':>9}"
     print(header)
     for name, result in results.items():
         t, r = result["step_s"], result["ratios"]
-        row = f"{name:<17}" + "".join(f"{t[v]:>16.3f}" if v in t else f"{'-':>16}" for v in VARIANTS)
+        row = f"{name:<17}" + "".join(f"{t[v]:>16.3f}" if v in t else f"{'-':>16}" for v in variants)
         row += "".join(f"{r[k]:>7.3f}" if k in r else f"{'-':>7}" for k in RATIOS)
         row += f"{r['memory c/d']:>9.3f}" if "memory c/d" in r else f"{'-':>9}"
         print(row)
     names = [n for n in results if n.startswith("olmoe-e")]
     if len(names) >= 2:
         first, last = results[names[0]]["step_s"], results[names[-1]]["step_s"]
-        growth = {v: last[v] / first[v] for v in VARIANTS if v in first and v in last}
+        growth = {v: last[v] / first[v] for v in variants if v in first and v in last}
         print(f"step-time growth {names[0]} -> {names[-1]}: " + ", ".join(f"{v} {g:.2f}x" for v, g in growth.items()))
 
 
@@ -261,7 +277,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="olmoe-e16,olmoe-e64,olmoe-e128,olmoe-h1024-e64,builtin",
                         help=f"comma-separated, from {', '.join(CONFIGS)}")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=8, help="timed rounds (each runs one step of every variant)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--rank", type=int, default=32, help="r_max of drlora and r of PEFT")
@@ -278,6 +295,9 @@ def parse_args(argv=None):
     parser.add_argument("--keep-host-memory", action="store_true",
                         help="keep freed host memory in the process for every variant, as `drlora train` does by "
                              "default (drlora.host_memory); without it, glibc's defaults, as in a plain script")
+    parser.add_argument("--no-mkl-batch", action="store_true",
+                        help="run drlora's grouped matmuls on torch's grouped_mm even where MKL's batched GEMM would "
+                             "be used (drlora.mkl_batch; the same as DRLORA_MKL_BATCH=0)")
     parser.add_argument("--out", default="runs/bench/step_time.json", help="where the JSON goes")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
@@ -302,8 +322,12 @@ def record(results: dict, name: str, step_s: dict, hook_s: dict, args) -> None:
 
 
 def set_up_process(args) -> str:
-    """Threads and host-memory policy, the same in the timing process and every memory process."""
+    """Threads, drlora's CPU kernels and host-memory policy, the same in the timing process and every memory process."""
+    from drlora import mkl_batch
+
     torch.set_num_threads(args.threads)
+    if args.no_mkl_batch:
+        mkl_batch.enabled = False
     if args.keep_host_memory:
         from drlora.host_memory import keep_freed_host_memory
 
@@ -326,7 +350,7 @@ def main(argv=None) -> None:
     print_table(results)
     report = {"command": "python bench/step_time.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "machine": machine(), "torch": torch.__version__, "threads": args.threads, "device": args.device,
-              "host_memory": host_memory,
+              "host_memory": host_memory, "mkl_batch": not args.no_mkl_batch,
               "interleaved_configs": args.interleave_configs,
               "environment": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_", "OMP_"))},
               "dtype": str(args.dtype), "rank": args.rank, "projections": args.projections,

@@ -9,7 +9,9 @@ accumulation — a serial scatter on the CPU and atomics on a GPU (bench/layer_p
 ~16 ms that way at T=512, k=8, H=512, and ~4 ms here). Here the routing is a permutation of the k copies of each
 token, so the adjoint of every move is again a gather: the gradient of dispatch is combine and the gradient of
 combine is dispatch. The values are the same as transformers' own grouped_mm experts path, op for op, so an adapter
-with B = 0 reproduces the base model bit for bit.
+with B = 0 reproduces the base model bit for bit — except on the CPU in float32 with few rows per expert, where the
+grouped matmuls run as one MKL batched GEMM (mkl_batch.py: torch's kernel pays one `mm` dispatch per expert), whose
+blocking can round differently from torch's per-expert GEMMs (logits within ~1e-6 in bench/step_time.py's models).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from . import mkl_batch
 
 logger = logging.getLogger(__name__)
 _warned_fallback = False
@@ -134,9 +138,30 @@ def _warn_fallback(a: torch.Tensor, b: torch.Tensor) -> None:
         _warned_fallback = True
 
 
+class _BatchedGroupedMm(torch.autograd.Function):
+    """`mkl_batch.rows_times_weights` with its gradients (the base projections run through it under autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, offsets)
+        return mkl_batch.rows_times_weights(x, w, offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        needs_x, needs_w = ctx.needs_input_grad[:2]
+        grad_x = mkl_batch.rows_times_weights(grad_out, w.transpose(1, 2), offsets) if needs_x else None
+        grad_w = mkl_batch.outer_sums(x, grad_out, offsets) if needs_w else None
+        return grad_x, grad_w, None
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
     """Rows of `x` [N, K] times their expert's `w` [E, K, M] -> [N, M]."""
     x = x.to(w.dtype)
+    if mkl_batch.suits(x, w, x.shape[0], w.shape[0]):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _BatchedGroupedMm.apply(x, w, routed.offsets)
+        return mkl_batch.rows_times_weights(x, w, routed.offsets)
     if grouped_mm_usable(x, w):
         return F.grouped_mm(x, w, offs=routed.offsets)
     _warn_fallback(x, w)
@@ -148,6 +173,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, routed: RoutedRows) -> torch.Te
 
 def grouped_outer(a: torch.Tensor, b: torch.Tensor, routed: RoutedRows) -> torch.Tensor:
     """Per expert, the sum over its rows of outer products: a [N, P], b [N, Q] -> [E, P, Q] (a weight gradient)."""
+    differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if not differentiable and mkl_batch.suits(a, b, a.shape[0], routed.offsets.numel()):
+        return mkl_batch.outer_sums(a, b, routed.offsets)
     a_t = a.t()
     if grouped_mm_usable(a_t, b):
         return F.grouped_mm(a_t, b, offs=routed.offsets)

@@ -210,7 +210,8 @@ def dr_lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     """Experts forward with DR-LoRA, bound to a transformers fused-experts module (`self`).
 
     Computes what transformers' grouped_mm experts implementation computes, op for op (so with B = 0 the output is
-    the base model's exactly), and adds the LoRA terms in place on the routed rows, grouped by expert.
+    the base model's, exactly or, where grouped.py uses MKL's batched GEMM, to float rounding), and adds the LoRA
+    terms in place on the routed rows, grouped by expert.
     """
     adapter: ExpertsAdapter = self.dr_lora
     if self.training and not in_backward():  # count real training forwards once, not checkpoint recomputes

@@ -1,0 +1,158 @@
+"""Grouped matmuls on the CPU as one MKL batched GEMM (`cblas_sgemm_batch`) instead of one `mm` per expert.
+
+Why: torch's CPU `grouped_mm` loops over the experts and dispatches one `mm` each, so at fixed tokens a layer with
+many experts pays that dispatch, and a small-matrix GEMM, per expert and per product (bench/expert_scaling.py:
+every grouped product grows ~2x from 16 to 128 experts at the same FLOPs). MKL — which torch's x86 wheels link and
+export — has a batched GEMM that takes every expert's matrices in one call. With few rows per expert it is faster
+(0.6-0.9x of torch's time per product at 32-64 rows per expert on the AMD EPYC machine of 2026-12-02); with many
+it is slower than torch's threaded large GEMMs, so it is only used up to `MAX_MEAN_ROWS` rows per expert.
+Each expert's product is the same GEMM either way, but MKL may block it differently inside the batch, so results
+agree with torch's to float rounding, not always to the bit.
+
+Used only for float32 CPU tensors when the symbol is present (Linux x86 wheels); anything else — another BLAS, a
+GPU, bf16, `DRLORA_MKL_BATCH=0` in the environment — goes to torch's kernels. Every pointer handed to MKL is derived
+from tensors this module checked (dtype, device, a unit stride, bounds of the offsets), and they stay alive for the
+call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+
+import torch
+
+logger = logging.getLogger(__name__)
+# Mean rows per expert up to which the batched call is used. Per product against torch's loop on the AMD machine:
+# 0.6-0.9x at 32 and 64 rows, 0.8-1.1x at 128 (the large base products gain most), 0.9-1.4x at 256 and 512.
+MAX_MEAN_ROWS = 128
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS_LAYOUT and CBLAS_TRANSPOSE
+enabled = os.environ.get("DRLORA_MKL_BATCH", "1") != "0"
+
+
+@functools.cache
+def _sgemm_batch():
+    """MKL's `cblas_sgemm_batch` from torch's own CPU library, or None where torch was built without MKL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        function = ctypes.CDLL(path).cblas_sgemm_batch
+    except (OSError, AttributeError):
+        return None
+    function.restype = None
+    function.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 13 + [ctypes.c_int, ctypes.c_void_p]
+    return function
+
+
+@functools.cache
+def _verified() -> bool:
+    """Whether the symbol computes what torch computes, on a two-expert product (a guard against ABI surprises)."""
+    if _sgemm_batch() is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 3, generator=generator), torch.randn(2, 3, 4, generator=generator)
+    out = rows_times_weights(x, w, torch.tensor([2, 5], dtype=torch.int32))
+    if torch.allclose(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), rtol=1e-5, atol=1e-6):
+        return True
+    logger.warning("MKL's cblas_sgemm_batch in this torch build gave wrong results on a test product; drlora uses "
+                   "torch's grouped_mm instead.")
+    return False
+
+
+def available() -> bool:
+    """Whether the batched GEMM is on (DRLORA_MKL_BATCH / `enabled`) and this torch build has a working one."""
+    return enabled and _verified()
+
+
+def suits(a: torch.Tensor, b: torch.Tensor, rows: int, experts: int) -> bool:
+    """Whether the batched call should run a grouped product of these operands over `rows` routed rows."""
+    return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+            and rows <= MAX_MEAN_ROWS * experts and available())
+
+
+def _layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(t, CBLAS_TRANSPOSE, leading dimension) for the matrices in t's last two dimensions, as stored row-major.
+
+    A layout MKL cannot read (no unit stride, or rows that overlap, as in an expanded tensor) is copied contiguous.
+    """
+    rows, cols = t.shape[-2:]
+    stride_rows, stride_cols = t.stride()[-2:]
+    if stride_cols == 1 and stride_rows >= max(cols, 1):
+        return t, _NO_TRANS, stride_rows
+    if stride_rows == 1 and stride_cols >= max(rows, 1):
+        return t, _TRANS, stride_cols
+    t = t.contiguous()
+    return t, _NO_TRANS, max(cols, 1)
+
+
+def _row_ranges(offsets: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(experts with rows, their first row, their row count) from the cumulative counts `offsets` [E]."""
+    ends = offsets.to(torch.int64)
+    if ends.numel() and (int(ends[0]) < 0 or int(ends[-1]) > total or bool((ends[1:] < ends[:-1]).any())):
+        raise ValueError(f"grouped offsets must be non-decreasing from 0 and end at most at row {total}")
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    experts = (ends > starts).nonzero().squeeze(1)
+    return experts, starts[experts], (ends - starts)[experts]
+
+
+def _call(trans_a, lda, trans_b, ldb, m, n, k, a_ptrs, b_ptrs, c_ptrs, ldc) -> None:
+    """One `cblas_sgemm_batch` with a group per expert: C_i = op(A_i) op(B_i), sizes m[i] x n[i] x k[i]."""
+    groups = a_ptrs.numel()
+    if groups == 0:
+        return
+    m, n, k = (torch.as_tensor(v, dtype=torch.int32).expand(groups).contiguous() for v in (m, n, k))
+    ints = torch.tensor([trans_a, trans_b, lda, ldb, ldc, 1], dtype=torch.int32)[:, None].expand(-1, groups)
+    ints = ints.contiguous()
+    scalars = torch.tensor([1.0, 0.0], dtype=torch.float32)[:, None].expand(-1, groups).contiguous()
+    ptrs = torch.stack([a_ptrs, b_ptrs, c_ptrs])
+    row = ints.stride(0) * 4
+    _sgemm_batch()(_ROW_MAJOR, ints.data_ptr(), ints.data_ptr() + row, m.data_ptr(), n.data_ptr(), k.data_ptr(),
+                   scalars.data_ptr(), ptrs[0].data_ptr(), ints.data_ptr() + 2 * row, ptrs[1].data_ptr(),
+                   ints.data_ptr() + 3 * row, scalars[1].data_ptr(), ptrs[2].data_ptr(), ints.data_ptr() + 4 * row,
+                   groups, ints.data_ptr() + 5 * row)
+
+
+def rows_times_weights(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [N, K] times w [E, K, M], expert e's rows offsets[e-1]:offsets[e] with w[e] -> [N, M] (rows past the last
+    offset are zero), as `torch.nn.functional.grouped_mm(x, w, offs=offsets)` computes it."""
+    rows, inner = x.shape
+    num_experts, w_inner, cols = w.shape
+    if w_inner != inner or offsets.numel() != num_experts:
+        raise ValueError(f"mkl_batch: shapes {tuple(x.shape)} x {tuple(w.shape)} with {offsets.numel()} offsets")
+    out = torch.empty(rows, cols, dtype=x.dtype)
+    experts, starts, counts = _row_ranges(offsets, rows)
+    x, trans_a, lda = _layout(x)
+    w, trans_b, ldb = _layout(w)
+    size = x.element_size()
+    _call(trans_a, lda, trans_b, ldb, counts, cols, inner, x.data_ptr() + starts * (x.stride(0) * size),
+          w.data_ptr() + experts * (w.stride(0) * size), out.data_ptr() + starts * (cols * size), cols)
+    covered = int(offsets[-1]) if offsets.numel() else 0
+    if covered < rows:
+        out[covered:].zero_()
+    return out
+
+
+def outer_sums(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per expert, a[rows]ᵀ b[rows] for a [N, P], b [N, Q] -> [E, P, Q] (zero for experts without rows), as
+    `torch.nn.functional.grouped_mm(a.t(), b, offs=offsets)` computes it."""
+    rows, p = a.shape
+    if b.shape[0] != rows:
+        raise ValueError(f"mkl_batch: outer products of {tuple(a.shape)} and {tuple(b.shape)}")
+    q = b.shape[1]
+    out = torch.empty(offsets.numel(), p, q, dtype=a.dtype)
+    experts, starts, counts = _row_ranges(offsets, rows)
+    if experts.numel() < offsets.numel():
+        empty = torch.ones(offsets.numel(), dtype=torch.bool)
+        empty[experts] = False
+        out[empty] = 0
+    a, trans_a, lda = _layout(a)
+    b, trans_b, ldb = _layout(b)
+    size = a.element_size()
+    _call(_TRANS if trans_a == _NO_TRANS else _NO_TRANS, lda, trans_b, ldb, p, q, counts,
+          a.data_ptr() + starts * (a.stride(0) * size), b.data_ptr() + starts * (b.stride(0) * size),
+          out.data_ptr() + experts * (p * q * size), q)
+    return out
