@@ -103,7 +103,10 @@ def test_used_only_for_float32_cpu_with_few_rows_per_expert_and_switched_off_by_
     w_few = torch.randn(6, 16, 8)
     assert type(grouped_mm(x_few, w_few, few).grad_fn).__name__ == "_BatchedGroupedMmBackward"
     assert not mkl_batch.suits(x_few.bfloat16(), w_few.bfloat16(), x_few.shape[0], 6)
+    assert "MKL's batched GEMM" in mkl_batch.describe(torch.float32)
+    assert "torch's grouped_mm (bfloat16)" in mkl_batch.describe(torch.bfloat16)
     monkeypatch.setattr(mkl_batch, "enabled", False)
+    assert "DRLORA_MKL_BATCH=0" in mkl_batch.describe(torch.float32)
     assert type(grouped_mm(x_few, w_few, few).grad_fn).__name__ == "GroupedMmBackward0"
     a = torch.randn(few.expert_ids.numel(), 8)
     torch.testing.assert_close(grouped_outer(a, x_few.detach(), few), reference_outer(a, x_few.detach(), few.offsets))

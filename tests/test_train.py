@@ -86,6 +86,7 @@ def test_a_run_writes_its_folder_and_the_adapter_scores_as_recorded(assets, tmp_
     assert all((out / "checkpoints" / c / "drlora_complete").is_file() for c in checkpoints)
     assert "acc" in printed and "where the ranks went" in printed and "drlora step" in printed
     assert "drlora: host memory:" in printed  # train.keep_host_memory is on by default (drlora.host_memory)
+    assert "drlora: CPU grouped matmuls: " in printed  # which kernel runs them (drlora.mkl_batch)
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
 
 

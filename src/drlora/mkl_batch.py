@@ -68,6 +68,18 @@ def available() -> bool:
     return enabled and _verified()
 
 
+def describe(dtype: torch.dtype) -> str:
+    """One line for a run's log: which kernel the experts' grouped matmuls use on the CPU in `dtype`."""
+    if dtype != torch.float32:
+        return f"CPU grouped matmuls: torch's grouped_mm ({str(dtype).removeprefix('torch.')})"
+    if not enabled:
+        return "CPU grouped matmuls: torch's grouped_mm (DRLORA_MKL_BATCH=0)"
+    if not available():
+        return "CPU grouped matmuls: torch's grouped_mm (this torch has no working MKL batched GEMM)"
+    return (f"CPU grouped matmuls: MKL's batched GEMM where experts get at most {MAX_MEAN_ROWS} rows on average, "
+            "torch's grouped_mm otherwise (DRLORA_MKL_BATCH=0 turns the batched GEMM off)")
+
+
 def suits(a: torch.Tensor, b: torch.Tensor, rows: int, experts: int) -> bool:
     """Whether the batched call should run a grouped product of these operands over `rows` routed rows."""
     return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"

@@ -17,6 +17,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
+from .. import mkl_batch
 from ..builtin import load_rows
 from ..builtin.assets import cache_dir
 from ..builtin.tasks import TASKS
@@ -214,6 +215,9 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     else:
         kind = "pruning" if model.drlora_config.allocation == "prune" else "growth"
         schedule = f"{kind} events at steps {', '.join(map(str, model.schedule.events)) or 'none'}"
+    factor = None if peft else model.expert_loras()[0].lora_A
+    if factor is not None and factor.device.type == "cpu":  # which kernel runs drlora's grouped matmuls
+        print(f"drlora: {mkl_batch.describe(factor.dtype)}", flush=True)
     print(f"drlora: training {config.method} on {data_stats['rows']:,} rows ({data_stats['tokens']:,} tokens, "
           f"{data_stats['truncated']} truncated) for {steps} steps; {schedule}"
           + (f"; resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
