@@ -69,10 +69,10 @@ def layer_products(experts: int, rank: int, kernel: str) -> dict:
             return F.grouped_mm(a.t(), b, offs=offs)
     else:
         def rows_mm(a, w):
-            return mkl_batch.rows_times_weights(a, w, offs)
+            return mkl_batch.rows_times_weights(a, w, routed.ranges)
 
         def outer(a, b):
-            return mkl_batch.outer_sums(a, b, offs)
+            return mkl_batch.outer_sums(a, b, routed.ranges)
     x, hidden = torch.randn(rows, HIDDEN), torch.randn(rows, INTER)
     grad_up, grad_down = torch.randn(rows, 2 * INTER), torch.randn(rows, HIDDEN)
     gate_up, down = torch.randn(experts, 2 * INTER, HIDDEN), torch.randn(experts, HIDDEN, INTER)

@@ -49,10 +49,10 @@ def test_rows_times_weights_is_torchs_grouped_mm(transposed):
     x = x_wide[:, 2:21]  # a column slice, as the gate/up halves of a fused projection are
     w = _weights(6, 19, 13, transposed)
     expected = reference_rows(x, w, routed.offsets)
-    torch.testing.assert_close(mkl_batch.rows_times_weights(x, w, routed.offsets), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mkl_batch.rows_times_weights(x, w, routed.ranges), expected, rtol=1e-6, atol=1e-6)
     # a layout without a usable leading dimension (expanded rows) is copied, not misread
     x_expanded = torch.randn(1, 19).expand(x.shape[0], 19)
-    torch.testing.assert_close(mkl_batch.rows_times_weights(x_expanded, w, routed.offsets),
+    torch.testing.assert_close(mkl_batch.rows_times_weights(x_expanded, w, routed.ranges),
                                reference_rows(x_expanded, w, routed.offsets))
 
 
@@ -60,21 +60,23 @@ def test_outer_sums_are_torchs_and_zero_for_experts_without_rows():
     routed = _routed(skip=(0, 3, 5))  # the first and the last expert get nothing
     rows = routed.expert_ids.numel()
     a, b = torch.randn(rows, 7), torch.randn(rows, 30)[:, 3:25]
-    out = mkl_batch.outer_sums(a, b, routed.offsets)
+    out = mkl_batch.outer_sums(a, b, routed.ranges)
     torch.testing.assert_close(out, reference_outer(a, b, routed.offsets), rtol=1e-6, atol=1e-6)
     assert out[[0, 3, 5]].abs().max() == 0
-    torch.testing.assert_close(mkl_batch.outer_sums(a.t().contiguous().t(), b, routed.offsets), out)
+    torch.testing.assert_close(mkl_batch.outer_sums(a.t().contiguous().t(), b, routed.ranges), out)
 
 
 def test_rows_past_the_last_offset_are_zero_and_bad_offsets_are_refused():
     x, w = torch.randn(10, 4), torch.randn(2, 4, 3)
-    out = mkl_batch.rows_times_weights(x, w, torch.tensor([3, 7], dtype=torch.int32))
+    out = mkl_batch.rows_times_weights(x, w, mkl_batch.row_ranges(torch.tensor([3, 7], dtype=torch.int32)))
     torch.testing.assert_close(out, reference_rows(x, w, torch.tensor([3, 7])))
     assert out[7:].abs().max() == 0
     with pytest.raises(ValueError, match="non-decreasing"):
-        mkl_batch.rows_times_weights(x, w, torch.tensor([5, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match="at most at row 10"):
-        mkl_batch.outer_sums(x, x, torch.tensor([3, 11], dtype=torch.int32))
+        mkl_batch.row_ranges(torch.tensor([5, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="covering 11 rows do not fit 10 rows"):
+        mkl_batch.outer_sums(x, x, mkl_batch.row_ranges(torch.tensor([3, 11], dtype=torch.int32)))
+    with pytest.raises(ValueError, match="offsets of 2 experts"):
+        mkl_batch.rows_times_weights(x, torch.randn(3, 4, 3), mkl_batch.row_ranges(torch.tensor([3, 7])))
 
 
 @pytest.mark.parametrize("transposed", [False, True])

@@ -39,6 +39,7 @@ class RoutedRows:
     slot_of_row: torch.Tensor  # [N] (token, choice) slot of each row: the sort's permutation
     num_top_k: int
     _bounds: list[int] | None = field(default=None, repr=False)
+    _ranges: mkl_batch.RowRanges | None = field(default=None, repr=False)
 
     @property
     def bounds(self) -> list[int]:
@@ -46,6 +47,14 @@ class RoutedRows:
         if self._bounds is None:
             self._bounds = self.offsets.tolist()
         return self._bounds
+
+
+    @property
+    def ranges(self) -> mkl_batch.RowRanges:
+        """Row ranges per expert for MKL's batched GEMM, computed once for all the layer's products."""
+        if self._ranges is None:
+            self._ranges = mkl_batch.row_ranges(self.offsets)
+        return self._ranges
 
 
 def route(top_k_index: torch.Tensor, num_experts: int) -> RoutedRows:
@@ -142,16 +151,17 @@ class _BatchedGroupedMm(torch.autograd.Function):
     """`mkl_batch.rows_times_weights` with its gradients (the base projections run through it under autograd)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, offsets)
-        return mkl_batch.rows_times_weights(x, w, offsets)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, ranges: mkl_batch.RowRanges) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w)
+        ctx.ranges = ranges
+        return mkl_batch.rows_times_weights(x, w, ranges)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         needs_x, needs_w = ctx.needs_input_grad[:2]
-        grad_x = mkl_batch.rows_times_weights(grad_out, w.transpose(1, 2), offsets) if needs_x else None
-        grad_w = mkl_batch.outer_sums(x, grad_out, offsets) if needs_w else None
+        grad_x = mkl_batch.rows_times_weights(grad_out, w.transpose(1, 2), ctx.ranges) if needs_x else None
+        grad_w = mkl_batch.outer_sums(x, grad_out, ctx.ranges) if needs_w else None
         return grad_x, grad_w, None
 
 
@@ -160,8 +170,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, routed: RoutedRows) -> torch.Te
     x = x.to(w.dtype)
     if mkl_batch.suits(x, w, x.shape[0], w.shape[0]):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-            return _BatchedGroupedMm.apply(x, w, routed.offsets)
-        return mkl_batch.rows_times_weights(x, w, routed.offsets)
+            return _BatchedGroupedMm.apply(x, w, routed.ranges)
+        return mkl_batch.rows_times_weights(x, w, routed.ranges)
     if grouped_mm_usable(x, w):
         return F.grouped_mm(x, w, offs=routed.offsets)
     _warn_fallback(x, w)
@@ -175,7 +185,7 @@ def grouped_outer(a: torch.Tensor, b: torch.Tensor, routed: RoutedRows) -> torch
     """Per expert, the sum over its rows of outer products: a [N, P], b [N, Q] -> [E, P, Q] (a weight gradient)."""
     differentiable = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     if not differentiable and mkl_batch.suits(a, b, a.shape[0], routed.offsets.numel()):
-        return mkl_batch.outer_sums(a, b, routed.offsets)
+        return mkl_batch.outer_sums(a, b, routed.ranges)
     a_t = a.t()
     if grouped_mm_usable(a_t, b):
         return F.grouped_mm(a_t, b, offs=routed.offsets)
