@@ -48,7 +48,6 @@ class RoutedRows:
             self._bounds = self.offsets.tolist()
         return self._bounds
 
-
     @property
     def ranges(self) -> mkl_batch.RowRanges:
         """Row ranges per expert for MKL's batched GEMM, computed once for all the layer's products."""
