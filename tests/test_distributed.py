@@ -41,8 +41,9 @@ def _ddp(model, sync_buffers: bool) -> DistributedDataParallel:
     return DistributedDataParallel(model, broadcast_buffers=sync_buffers)
 
 
-def _train(rank: int, steps: int, growth_interval: int, ddp: bool, sync_buffers: bool = True) -> dict:
-    model = get_dr_lora_model(tiny_moe("olmoe", seed=0),
+def _train(rank: int, steps: int, growth_interval: int, ddp: bool, sync_buffers: bool = True,
+           dtype: torch.dtype = torch.float32) -> dict:
+    model = get_dr_lora_model(tiny_moe("olmoe", seed=0, dtype=dtype),
                               small_config(total_steps=steps, growth_interval=growth_interval))
     wrapped = _ddp(model, sync_buffers) if ddp else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -76,7 +77,9 @@ def _worker(rank: int, store: str, out: str) -> None:
         results = {"plain": _train(rank, PLAIN["steps"], PLAIN["growth_interval"], ddp=False),
                    "ddp": _train(rank, DDP["steps"], DDP["growth_interval"], ddp=True),
                    "ddp_nobcast": _train(rank, DDP["steps"], DDP["growth_interval"], ddp=True,
-                                         sync_buffers=False)}
+                                         sync_buffers=False),
+                   # a bf16 model: DDP reduces the float32 masters of the LoRA factors and routers
+                   "ddp_bf16": _train(rank, DDP["steps"], DDP["growth_interval"], ddp=True, dtype=torch.bfloat16)}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -122,7 +125,7 @@ def test_two_processes_with_different_data_grow_identically(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["ddp", "ddp_nobcast"])
+@pytest.mark.parametrize("variant", ["ddp", "ddp_nobcast", "ddp_bf16"])
 def test_ddp_with_gradient_accumulation_keeps_processes_identical(runs, variant):
     a, b = runs[0][variant], runs[1][variant]
     assert not torch.equal(a["local_mass"], b["local_mass"])
@@ -135,3 +138,4 @@ def test_ddp_with_gradient_accumulation_keeps_processes_identical(runs, variant)
     assert {n.rsplit(".", 1)[-1] for n in a["trainable"]} == {"lora_A", "lora_B", "weight"}  # weight: mlp.gate
     for name in a["trainable"]:  # LoRA A and B of every layer and projection, and the routers
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+        assert a["trainable"][name].dtype == torch.float32  # float32 masters also in the bf16 model

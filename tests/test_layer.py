@@ -84,13 +84,16 @@ def test_ranks_grow_only_where_saliency_points_and_budget_is_exact():
     assert ranks.min() >= 2 and ranks.max() <= 8
 
 
+@pytest.mark.parametrize("adapter_dtype", ["float32", "base"])
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
-def test_bf16_forward_backward(family):
+def test_bf16_forward_backward(family, adapter_dtype):
     base = tiny_moe(family, dtype=torch.bfloat16)
     x = token_batch()
     reference = logits(base, x)
-    model = get_dr_lora_model(base, small_config())
-    assert all(lora.lora_A.dtype == torch.bfloat16 for lora in model.expert_loras())
+    model = get_dr_lora_model(base, small_config(adapter_dtype=adapter_dtype))
+    stored = torch.float32 if adapter_dtype == "float32" else torch.bfloat16
+    assert all(lora.lora_A.dtype == lora.lora_B.dtype == stored for lora in model.expert_loras())
+    assert all(p.dtype == stored for p in model.moe_layers[0].router.parameters())
     assert torch.equal(logits(model, x), reference)
     train(model, steps=4)
     assert torch.isfinite(logits(model, x)).all()
@@ -316,3 +319,15 @@ def test_per_expert_fallback_gives_the_grouped_matmuls_results(monkeypatch):
     assert fallback_grads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(fallback_grads[name], grads[name], msg=name)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(r_max=32), r"r_max=32 exceeds the up projection of the experts in model.layers.0.mlp.experts \(32 in, "
+                     r"16 out\).*choose r_max <= 16"),
+    (dict(r_max=8, extra_target_modules=("q_proj",), extra_r=40), r"extra_r=40 exceeds model.layers.0.self_attn.q_proj "
+                                                                   r"\(32 in, 32 out\).*choose extra_r <= 32"),
+])
+def test_ranks_above_a_projections_width_are_refused_naming_the_widths(overrides, message):
+    base = tiny_moe("olmoe")  # hidden 32, expert width 16
+    with pytest.raises(ValueError, match=message):
+        get_dr_lora_model(base, small_config(**overrides))

@@ -52,6 +52,16 @@ def test_merge_and_unload_gives_a_plain_model_with_the_same_logits(family):
     torch.testing.assert_close(logits(merged, x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_calls_after_merging_say_the_model_was_merged(tmp_path):
+    model = trained("olmoe")
+    model.merge_and_unload()
+    for call in (lambda: model.export_peft(tmp_path), lambda: model.save_pretrained(tmp_path), model.rank_map,
+                 lambda: model.update_and_allocate(7), model.merge_and_unload):
+        with pytest.raises(RuntimeError, match=r"merged into its base model by merge_and_unload\(\)"):
+            call()
+    assert not any(tmp_path.iterdir())
+
+
 def test_extra_target_modules_save_load_and_merge(tmp_path):
     model = trained("qwen2_moe", extra_target_modules=("q_proj", "shared_expert.up_proj"))
     x = token_batch(seed=3)

@@ -12,6 +12,7 @@ PROJECTIONS = ("gate", "up", "down")
 IMPORTANCE_MODES = ("product", "sum")
 ALLOCATIONS = ("grow", "fixed", "prune")
 SIGNALS = ("routing*importance", "importance", "routing")
+ADAPTER_DTYPES = ("float32", "base")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs):
@@ -63,6 +64,13 @@ class DRLoRAConfig:
                         "(IncreLoRA-like ablation) or 'routing' alone.", "routing*importance")
     train_router: bool = _help("Train the router after warmup (it is in the optimizer from the start and gated "
                                "during warmup). False keeps it frozen throughout.", True)
+    adapter_dtype: str = _help(
+        "Storage dtype of what drlora trains — the LoRA factors and the trained router: 'float32' (default) keeps "
+        "them as float32 master weights whatever the base dtype, as PEFT's autocast_adapter_dtype does, because in a "
+        "bf16 model an AdamW update at lr 2e-5 is below half a bf16 step and most entries would never move; 'base' "
+        "stores them in the base weights' dtype (half the adapter's memory in bf16), which only trains right with an "
+        "optimizer that keeps its own float32 masters (DeepSpeed, FSDP mixed precision) or a large learning rate. "
+        "Either way the matmuls run in the base weights' dtype.", "float32")
     seed: int = _help("Seed of the LoRA initialisation (identical on every process).", 0)
 
     def __post_init__(self) -> None:
@@ -92,6 +100,12 @@ class DRLoRAConfig:
         """Whether any decision reads the per-rank importance (fixed allocations and routing-only growth do not, so
         their backward skips the statistics)."""
         return self.allocation == "prune" or (self.allocation == "grow" and self.signal != "routing")
+
+    def trainable_dtype(self, base_dtype):
+        """The dtype drlora stores its trainable tensors in, beside base weights of `base_dtype` (adapter_dtype)."""
+        import torch
+
+        return torch.promote_types(base_dtype, torch.float32) if self.adapter_dtype == "float32" else base_dtype
 
     @property
     def extra_rank(self) -> int:
@@ -126,6 +140,9 @@ class DRLoRAConfig:
                                  + _did_you_mean(proj, PROJECTIONS))
         if len(set(self.target_projections)) != len(self.target_projections):
             raise ValueError(f"target_projections lists a projection twice: {self.target_projections}.")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}"
+                             + _did_you_mean(str(self.adapter_dtype), ADAPTER_DTYPES))
         if self.importance not in IMPORTANCE_MODES:
             raise ValueError(f"importance must be one of {IMPORTANCE_MODES}, got {self.importance!r}"
                              + _did_you_mean(str(self.importance), IMPORTANCE_MODES))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grouped import RoutedRows, combine, dispatch, grouped_linear, grouped_mm, grouped_outer, route, sort_weights
-from .signals import RankImportance, RoutingFrequency, in_backward
+from .signals import RankImportance, RoutingFrequency, in_backward, real_tokens
 
 
 def kaiming_init(num_experts: int, rank: int, in_features: int, seed: int) -> torch.Tensor:
@@ -55,14 +55,18 @@ class _AddExpertLoRA(torch.autograd.Function):
     Hand-written because autograd would differentiate the in-place add on a column slice through a copy of the whole
     output gradient, and because the backward's rank activations give the importance statistics almost for free
     (signals.RankImportance), where hooks on the parameters would need products over the full [E, r, features].
+
+    The factors may be float32 masters in a bf16 model (DRLoRAConfig.adapter_dtype): the matmuls run in the base
+    output's dtype (CUDA's grouped_mm takes bf16 only), on w-wide copies of the factors, and the factors' gradients
+    come back in their own dtype.
     """
 
     @staticmethod
     def forward(ctx, base_out, x, lora_A, lora_B, rank_scale, routed: RoutedRows, columns, importance, dropout_p):
-        width = rank_scale.shape[1]
-        a, b = lora_A[:, :width], lora_B[:, :, :width]
+        width, dtype = rank_scale.shape[1], base_out.dtype
+        a, b = lora_A[:, :width].to(dtype), lora_B[:, :, :width].to(dtype)
         ctx.x_dtype = x.dtype
-        x = x.to(lora_A.dtype)
+        x = x.to(dtype)
         # dropout: the kept inputs go through A unscaled, and 1 / (1 - p) joins mask · s on the narrow [N, w] side
         row_scale = rank_scale.index_select(0, routed.expert_ids)  # [N, w]: mask · s of each row's expert
         keep = None
@@ -71,17 +75,18 @@ class _AddExpertLoRA(torch.autograd.Function):
             x = x * keep  # saved as is: the weight gradient needs the dropped input
             row_scale.mul_(1.0 / (1.0 - dropout_p))
         scaled_h = grouped_mm(x, a.transpose(1, 2), routed).mul_(row_scale)
-        base_out[:, columns] += grouped_mm(scaled_h, b.transpose(1, 2), routed).to(base_out.dtype)
+        base_out[:, columns] += grouped_mm(scaled_h, b.transpose(1, 2), routed)
         ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, keep, scaled_h, row_scale, lora_A, lora_B)
+        ctx.save_for_backward(x, keep, scaled_h, row_scale, a, b)
         ctx.routed, ctx.columns, ctx.importance = routed, columns, importance
+        ctx.factors = (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype)
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, keep, scaled_h, row_scale, lora_A, lora_B = ctx.saved_tensors
-        routed, width, needs = ctx.routed, row_scale.shape[1], ctx.needs_input_grad
-        a, b = lora_A[:, :width], lora_B[:, :, :width]
+        x, keep, scaled_h, row_scale, a, b = ctx.saved_tensors
+        routed, needs = ctx.routed, ctx.needs_input_grad
+        (a_shape, a_dtype), (b_shape, b_dtype) = ctx.factors
         grad_y = grad_out[:, ctx.columns]
         if grad_y.stride(-1) != 1:  # interleaved gate/up columns (GPT-OSS): the kernels want unit stride
             grad_y = grad_y.contiguous()
@@ -94,14 +99,14 @@ class _AddExpertLoRA(torch.autograd.Function):
         if needs[1]:
             grad_x = grouped_mm(grad_h, a, routed)
             grad_x = (grad_x if keep is None else grad_x.mul_(keep)).to(ctx.x_dtype)
-        grad_a = _pad_ranks(grouped_outer(grad_h, x, routed), lora_A, dim=1) if needs[2] else None
-        grad_b = _pad_ranks(grouped_outer(grad_y, scaled_h, routed), lora_B, dim=2) if needs[3] else None
+        grad_a = _pad_ranks(grouped_outer(grad_h, x, routed).to(a_dtype), a_shape, dim=1) if needs[2] else None
+        grad_b = _pad_ranks(grouped_outer(grad_y, scaled_h, routed).to(b_dtype), b_shape, dim=2) if needs[3] else None
         return grad_out, grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def _pad_ranks(grad: torch.Tensor, param: torch.Tensor, dim: int) -> torch.Tensor:
+def _pad_ranks(grad: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
     """The gradient of the full r_max-wide parameter: zero beyond the active width (one pass over the memory)."""
-    missing = param.shape[dim] - grad.shape[dim]
+    missing = shape[dim] - grad.shape[dim]
     if missing == 0:
         return grad
     padding = [0, 0] * (grad.dim() - 1 - dim) + [0, missing]  # F.pad lists the last dimension first
@@ -128,22 +133,23 @@ class ExpertLoRA(nn.Module):
         self._scale_cache: tuple | None = None
 
     def add_to(self, base_out: torch.Tensor, x: torch.Tensor, routed: RoutedRows, columns=slice(None)) -> torch.Tensor:
-        """Add the LoRA output of routed rows `x` [N, in] to `base_out[:, columns]` in place; returns `base_out`."""
+        """Add the LoRA output of routed rows `x` [N, in] to `base_out[:, columns]` in place, computed in
+        `base_out`'s dtype; returns `base_out`."""
         importance = self.importance if self.track_importance and torch.is_grad_enabled() else None
-        return _AddExpertLoRA.apply(base_out, x, self.lora_A, self.lora_B, self.rank_scale(), routed, columns,
-                                    importance, self.dropout_p if self.training else 0.0)
+        return _AddExpertLoRA.apply(base_out, x, self.lora_A, self.lora_B, self.rank_scale(base_out.dtype), routed,
+                                    columns, importance, self.dropout_p if self.training else 0.0)
 
-    def rank_scale(self) -> torch.Tensor:
-        """mask · s over the active width, [E, w] in the LoRA's dtype.
+    def rank_scale(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """mask · s over the active width, [E, w] in the compute `dtype` (default: the factors' dtype).
 
-        The width is the highest active rank rounded up to a multiple of 16 bytes (the grouped-matmul kernels'
-        alignment), never 0. Cached until the mask changes (its version counter moves on every in-place write), so
-        the host reads the mask once per growth event, not once per forward.
+        The width is the highest active rank rounded up to a multiple of 16 bytes of `dtype` (the grouped-matmul
+        kernels' alignment), never 0. Cached until the mask changes (its version counter moves on every in-place
+        write), so the host reads the mask once per growth event, not once per forward.
         """
-        mask, dtype = self.rank_mask, self.lora_A.dtype
+        mask, dtype = self.rank_mask, dtype or self.lora_A.dtype
         cached = self._scale_cache
         if cached is None or cached[0] is not mask or cached[1] != mask._version or cached[2] != dtype:
-            align = max(1, 16 // self.lora_A.element_size())
+            align = max(1, 16 // dtype.itemsize)
             active = mask.any(0).nonzero()
             highest = int(active.max()) + 1 if active.numel() else 0
             width = min(self.r_max, max(align, -(-highest // align) * align))
@@ -190,15 +196,39 @@ class ExpertLoRA(nn.Module):
         return self.scaling * torch.bmm(self.lora_B.float(), a)
 
 
+class BatchTokens:
+    """The attention mask of the model's current forward, shared by all its MoE layers, so that the routing frequency
+    counts real tokens only. Hooks on the model set it before its forward and clear it after."""
+
+    def __init__(self):
+        self.attention_mask: torch.Tensor | None = None
+        self._real: tuple | None = None
+
+    def capture(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # forward(input_ids, attention_mask)
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._real = None
+
+    def release(self, *unused) -> None:
+        self.attention_mask, self._real = None, None
+
+    def real(self, num_tokens: int) -> torch.Tensor | None:
+        """Which of the `num_tokens` routed positions are real tokens (signals.real_tokens), once per forward."""
+        if self._real is None or self._real[0] != num_tokens:
+            self._real = (num_tokens, real_tokens(self.attention_mask, num_tokens))
+        return self._real[1]
+
+
 class ExpertsAdapter(nn.Module):
     """Everything drlora attaches to one experts module: per-projection LoRA and the routing frequency."""
 
-    def __init__(self, layer, projections: dict[str, ExpertLoRA]):
+    def __init__(self, layer, projections: dict[str, ExpertLoRA], batch: BatchTokens):
         super().__init__()
         self.layer_index = layer.index
         self.projections = nn.ModuleDict(projections)
         self.frequency = RoutingFrequency(layer.num_experts).to(next(iter(projections.values())).lora_A.device)
         self.slices = {name: layer.out_slice(name) for name in projections}
+        self.batch = batch
 
     def ranks(self) -> torch.Tensor:
         """Active ranks per expert [E]; all adapted projections of an expert share its rank."""
@@ -215,7 +245,7 @@ def dr_lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     """
     adapter: ExpertsAdapter = self.dr_lora
     if self.training and not in_backward():  # count real training forwards once, not checkpoint recomputes
-        adapter.frequency.record(top_k_index, top_k_weights.detach())
+        adapter.frequency.record(top_k_index, top_k_weights, adapter.batch.real(top_k_index.shape[0]))
     routed = route(top_k_index, self.num_experts)
     x = dispatch(hidden_states, routed)
     loras = adapter.projections
@@ -244,25 +274,26 @@ def dr_lora_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torc
 class LinearLoRA(nn.Module):
     """Plain uniform-rank LoRA for an nn.Linear outside the routed experts (attention, shared experts).
 
-    Attached as a forward hook so the base module and its state_dict keys stay untouched.
+    Attached as a forward hook so the base module and its state_dict keys stay untouched. Like the expert LoRA it
+    computes in the dtype of the base module's output, whatever dtype its factors are stored in.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, seed: int):
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, seed: int, dtype: torch.dtype):
         super().__init__()
-        weight = base.weight
+        device = base.weight.device
         self.scaling = scaling
         init = kaiming_init(1, rank, base.in_features, seed)[0]
-        self.lora_A = nn.Parameter(init.to(device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=weight.device, dtype=weight.dtype))
+        self.lora_A = nn.Parameter(init.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+    def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        h = F.linear(self.dropout(x.to(dtype)), self.lora_A.to(dtype))
+        return F.linear(h, self.lora_B.to(dtype)) * self.scaling
 
     @staticmethod
     def hook(module: nn.Module, args, output):
-        return output + module.dr_lora(args[0]).to(output.dtype)
+        return output + module.dr_lora(args[0], output.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

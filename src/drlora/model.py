@@ -11,8 +11,9 @@ from torch import nn
 
 from .allocator import GrowthSchedule, cubic_budget, plan_growth, plan_pruning, saliency
 from .config import DRLoRAConfig
-from .layer import ExpertLoRA, ExpertsAdapter, LinearLoRA, dr_lora_experts_forward
+from .layer import BatchTokens, ExpertLoRA, ExpertsAdapter, LinearLoRA, dr_lora_experts_forward
 from .layout import MoELayer, family_of, find_moe_layers
+from .router_master import RouterMaster, attach_router_master, masters_in_state_dict
 from .signals import all_reduce_step_sums
 
 logger = logging.getLogger("drlora")
@@ -47,24 +48,34 @@ class DRLoRAModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.drlora_config = config
+        self._merged = False  # merge_and_unload() folds the adapters into the base model and removes them
         self.moe_layers: list[MoELayer] = find_moe_layers(model)
         self.family = family_of(model)
         self._check_projections()
         for param in model.parameters():
             param.requires_grad_(False)
+        self._batch = BatchTokens()  # the attention mask, for the routing frequency (real tokens only)
         self._inject_experts()
         self._extra_handles = self._inject_extra_modules()
+        self._router_masters: list[RouterMaster] = []
         self._router_params = self._setup_routers()
+        self._batch_hooks = [model.register_forward_pre_hook(self._batch.capture, with_kwargs=True),
+                             model.register_forward_hook(self._batch.release, always_call=True)]
         self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
         self._schedule: GrowthSchedule | None = config.schedule() if config.total_steps is not None else None
 
     # ---- injection --------------------------------------------------------------------------------------------
     def _check_projections(self) -> None:
+        r_max = self.drlora_config.r_max
         for layer in self.moe_layers:
             missing = [p for p in self.drlora_config.target_projections if p not in layer.projections()]
             if missing:
                 raise ValueError(f"{layer.name} ({self.family}) has no {missing[0]!r} projection (its experts have "
                                  f"{', '.join(layer.projections())}); remove it from target_projections.")
+            for proj in self.drlora_config.target_projections:
+                geom = layer.geometry(proj)
+                _check_rank("r_max", r_max, f"the {proj} projection of the experts in {layer.name}", geom.in_features,
+                            geom.out_features)
 
     def _inject_experts(self) -> None:
         cfg = self.drlora_config
@@ -75,10 +86,10 @@ class DRLoRAModel(nn.Module):
                 geom = layer.geometry(proj)
                 loras[proj] = ExpertLoRA(layer.num_experts, geom.in_features, geom.out_features, cfg.r_max,
                                          cfg.initial_rank, cfg.scaling, cfg.lora_dropout,
-                                         seed=_mix(cfg.seed, layer.index, p_index), dtype=weight.dtype,
-                                         device=weight.device)
+                                         seed=_mix(cfg.seed, layer.index, p_index),
+                                         dtype=cfg.trainable_dtype(weight.dtype), device=weight.device)
                 loras[proj].track_importance = cfg.needs_importance
-            layer.experts.dr_lora = ExpertsAdapter(layer, loras)
+            layer.experts.dr_lora = ExpertsAdapter(layer, loras, self._batch)
             layer.experts.forward = types.MethodType(dr_lora_experts_forward, layer.experts)
 
     def _inject_extra_modules(self) -> list:
@@ -96,13 +107,16 @@ class DRLoRAModel(nn.Module):
                                      f"{type(module).__name__}; only nn.Linear modules can get plain LoRA.")
                 if hasattr(module, "dr_lora"):
                     continue
+                _check_rank("extra_r", cfg.extra_rank, name, module.in_features, module.out_features)
                 module.dr_lora = LinearLoRA(module, cfg.extra_rank, cfg.scaling, cfg.lora_dropout,
-                                            seed=_mix(cfg.seed, 10_000 + len(handles), 0))
+                                            seed=_mix(cfg.seed, 10_000 + len(handles), 0),
+                                            dtype=cfg.trainable_dtype(module.weight.dtype))
                 handles.append((name, module, module.register_forward_hook(LinearLoRA.hook)))
         return handles
 
     def _setup_routers(self) -> list[nn.Parameter]:
-        """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup."""
+        """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup. In a
+        bf16/fp16 model they train as float32 masters (router_master.py), unless adapter_dtype='base'."""
         params = []
         if not self.drlora_config.train_router:
             return params
@@ -110,6 +124,9 @@ class DRLoRAModel(nn.Module):
             if layer.router is None:
                 raise ValueError(f"train_router=True but no router was found beside {layer.name}; set "
                                  "train_router=False.")
+            master_dtype = self.drlora_config.trainable_dtype(layer.experts.down_proj.dtype)
+            if (master := attach_router_master(layer.router, master_dtype)) is not None:
+                self._router_masters.append(master)
             for param in layer.router.parameters():
                 param.requires_grad_(True)
                 param.register_hook(self._gate_router_grad)
@@ -140,8 +157,11 @@ class DRLoRAModel(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         """Without the aliases of tied weights: the HF Trainer saves a model that is not a PreTrainedModel with
-        safetensors, which refuses shared tensors; loading restores them through the tie."""
-        state = super().state_dict(*args, **kwargs)
+        safetensors, which refuses shared tensors; loading restores them through the tie. Trained routers appear as
+        their float32 masters (the base model's own state_dict has them in its dtype), so a checkpoint resumes
+        exactly."""
+        with masters_in_state_dict():
+            state = super().state_dict(*args, **kwargs)
         for name in self._tied_aliases():
             state.pop(name, None)
         return state
@@ -166,6 +186,10 @@ class DRLoRAModel(nn.Module):
     # ---- views --------------------------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[ExpertsAdapter]:
+        if self._merged:  # RuntimeError, not AttributeError: __getattr__ would turn that into a riddle
+            raise RuntimeError("this DRLoRAModel was merged into its base model by merge_and_unload(), which removed "
+                               "its adapters; use the model merge_and_unload() returned, and call save_pretrained / "
+                               "export_peft / rank_map before merging.")
         return [layer.experts.dr_lora for layer in self.moe_layers]
 
     def expert_loras(self) -> list[ExpertLoRA]:
@@ -324,6 +348,15 @@ class DRLoRAModel(nn.Module):
         from .peft_export import export_peft
 
         export_peft(self, save_directory)
+
+
+def _check_rank(key: str, rank: int, what: str, in_features: int, out_features: int) -> None:
+    """A LoRA of rank r on an in × out map can add at most min(in, out) directions: ranks beyond reserve parameters
+    (and checkpoint bytes) that buy no capacity, so they are refused rather than silently wasted."""
+    if rank > min(in_features, out_features):
+        raise ValueError(f"{key}={rank} exceeds {what} ({in_features} in, {out_features} out): a LoRA rank above "
+                         f"min(in, out) = {min(in_features, out_features)} adds parameters but no capacity; choose "
+                         f"{key} <= {min(in_features, out_features)}.")
 
 
 def _mix(seed: int, a: int, b: int) -> int:

@@ -107,9 +107,10 @@ def export_peft(model, save_directory) -> None:
     missing = [k for k in names if ("lora_" in k or "modules_to_save" in k) and k not in values]
     if missing:
         raise RuntimeError(f"export_peft could not fill PEFT weight {missing[0]}; please report this model family.")
-    dtype = model.moe_layers[0].experts.down_proj.dtype
-    state = {k: v for k, v in get_peft_model_state_dict(skeleton, state_dict=values).items()}
-    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    # every tensor in its own dtype: LoRA factors in float32 (PEFT keeps adapters of a bf16 model in float32 too),
+    # routers as the base model holds them (their state_dict casts float32 masters back; DeepSeek-V3's float32
+    # e_score_correction_bias stays float32 — rounding it to bf16 would change which experts are picked)
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(skeleton, state_dict=values).items()}
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "adapter_model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))

@@ -1,8 +1,9 @@
 """Routing statistics of a model on some data, measured before training (the static and ESFT baselines need them).
 
 Forward pre-hooks on every fused-experts module read the top-k indices and weights the experts are called with —
-the same tensors DR-LoRA's routing frequency uses, so k and the weights are right for every family — and padding
-tokens are left out. Every process measures the same rows, so every process allocates the same ranks.
+the same tensors DR-LoRA's routing frequency uses, so k and the weights are right for every family — and count them
+with the frequency's own functions (signals.real_tokens, add_routing), so padding is left out the same way. Every
+process measures the same rows, so every process allocates the same ranks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from .evaluate import eval_mode
 from .layout import find_moe_layers
+from .signals import add_routing, real_tokens
 
 
 @torch.no_grad()
@@ -23,18 +25,15 @@ def measure_routing(model, sequences: list[list[int]], batch_size: int = 8, pad_
     device = next(model.parameters()).device
     mass = torch.zeros(len(layers), layers[0].num_experts, dtype=torch.float64)
     hits = torch.zeros_like(mass)
-    state = {"keep": None}
+    state = {"mask": None}
 
     def hook_for(index):
         def hook(module, args, kwargs):
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
             top_k_weights = args[2] if len(args) > 2 else kwargs["top_k_weights"]
-            keep = state["keep"]
-            if keep is not None and keep.numel() == top_k_index.shape[0]:
-                top_k_index, top_k_weights = top_k_index[keep], top_k_weights[keep]
-            flat = top_k_index.reshape(-1).cpu()
-            mass[index].index_add_(0, flat, top_k_weights.detach().reshape(-1).double().cpu())
-            hits[index].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+            real = real_tokens(state["mask"], top_k_index.shape[0])  # as DR-LoRA's routing frequency counts them
+            add_routing(mass[index], top_k_index.cpu(), top_k_weights.cpu(), None if real is None else real.cpu(),
+                        hits=hits[index])
         return hook
 
     handles = [layer.experts.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -49,7 +48,7 @@ def measure_routing(model, sequences: list[list[int]], batch_size: int = 8, pad_
                 for row, seq in enumerate(chunk):
                     ids[row, :len(seq)] = torch.tensor(seq)
                     mask[row, :len(seq)] = 1
-                state["keep"] = mask.reshape(-1).bool().to(device)
+                state["mask"] = mask
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
                 tokens += int(mask.sum())
     finally:

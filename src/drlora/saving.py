@@ -62,6 +62,17 @@ def base_identity(model) -> dict:
             "moe_layers": [layer.shape_signature() for layer in model.moe_layers]}
 
 
+def saved_dtypes(model) -> dict:
+    """What dtype each part of a saved adapter is in (float32 masters by default, see DRLoRAConfig.adapter_dtype),
+    and the base weights' dtype they were trained beside."""
+    def name(tensor):
+        return str(tensor.dtype).removeprefix("torch.")
+
+    layer = model.moe_layers[0]
+    router = name(next(layer.router.parameters())) if model.drlora_config.train_router else None
+    return {"base": name(layer.experts.down_proj), "lora": name(model.expert_loras()[0].lora_A), "router": router}
+
+
 def save_adapter(model, save_directory, include_training_state: bool = False) -> None:
     directory = Path(save_directory)
     try:
@@ -71,7 +82,7 @@ def save_adapter(model, save_directory, include_training_state: bool = False) ->
     meta = {"drlora_version": __version__, "format": "packed-active-ranks",
             "config": model.drlora_config.to_dict(), "rank_map": model.rank_map().tolist(),
             "base_model": base_identity(model), "router_trained": model.drlora_config.train_router,
-            "extra_modules": [name for name, _, _ in model._extra_handles]}
+            "extra_modules": [name for name, _, _ in model._extra_handles], "dtypes": saved_dtypes(model)}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_adapter_tensors(model), p, metadata={"format": "pt"}))
     if include_training_state:
         atomic_write(directory / STATE_NAME, lambda p: save_file(_training_state(model), p, metadata={"format": "pt"}))
@@ -181,7 +192,10 @@ def _load_training_state(drlora, state: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def merge_and_unload(drlora) -> nn.Module:
-    """Fold every ΔW into the base weights, remove drlora's modules and hooks, and return the plain model."""
+    """Fold every ΔW into the base weights, remove drlora's modules and hooks, and return the plain model.
+
+    The merged model is in the base weights' dtype throughout: each ΔW is computed in float32 and rounded once as it
+    is added, and trained routers' float32 masters are rounded back to the dtype their forward computed with."""
     for layer, adapter in zip(drlora.moe_layers, drlora.adapters):
         experts = layer.experts
         for proj, lora in adapter.projections.items():
@@ -197,9 +211,16 @@ def merge_and_unload(drlora) -> nn.Module:
                 weight[:, sl, :] += delta.to(weight.dtype)
         del experts.dr_lora
         del experts.forward  # back to the class's forward (transformers' dispatch)
+    for master in drlora._router_masters:  # routers back to the base dtype, as their forward computed them
+        master.release()
+    drlora._router_masters = []
+    for handle in drlora._batch_hooks:
+        handle.remove()
+    drlora._batch_hooks = []
     for _, module, handle in drlora._extra_handles:
         module.weight += module.dr_lora.delta_weight().to(module.weight.dtype)
         handle.remove()
         del module.dr_lora
     drlora._extra_handles = []
+    drlora._merged = True
     return drlora.base_model

@@ -3,7 +3,8 @@
 * `RoutingFrequency` — f: EMA over optimizer steps of the routing weight mass each expert receives, taken from the
   very top-k indices and weights the experts module is called with (so k is right for every family). Counted once
   per real training forward: not in eval mode, and not again when activation checkpointing recomputes the forward
-  during backward.
+  during backward. Only real tokens count: positions whose attention mask is 0 (padding) do not (`real_tokens`,
+  `add_routing`; the static-frequency baselines measure with the same two functions).
 * `RankImportance` — g: per rank of one projection, |Σ (∂L/∂A ⊙ A)| over the A row and |Σ (∂L/∂B ⊙ B)| over the B
   column (the same number, see the class), from the gradient accumulated over one optimizer step. The LoRA's
   backward adds the signed sums of every micro-batch (the sum is linear, so this equals the accumulated gradient's)
@@ -16,14 +17,55 @@ they enter the EMAs, so every process holds the same statistics and makes the sa
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def in_backward() -> bool:
     """True while the autograd engine runs (e.g. an activation-checkpointing recompute of the forward)."""
     return torch._C._current_graph_task_id() != -1
+
+
+_warned_mask_shape = False
+
+
+def real_tokens(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
+    """Which of the `num_tokens` positions an MoE layer routes are real tokens, as a bool [num_tokens] in the order
+    the experts see them (batch-major, as transformers flattens [batch, seq]); None when every position counts.
+
+    `attention_mask` is the model's [batch, seq] mask (1 = token, 0 = padding). With a cache the mask also covers the
+    past, so the last num_tokens / batch columns are the routed ones. A mask of another shape (a custom 4-D mask)
+    cannot be read this way: every position counts, with a warning once.
+    """
+    global _warned_mask_shape
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2 and num_tokens % attention_mask.shape[0] == 0:
+        length = num_tokens // attention_mask.shape[0]
+        if 0 < length <= attention_mask.shape[1]:
+            return attention_mask[:, attention_mask.shape[1] - length:].reshape(-1) != 0
+    if not _warned_mask_shape:
+        _warned_mask_shape = True
+        logger.warning("drlora: an attention mask of shape %s does not match the %d routed positions; the routing "
+                       "frequency counts every position, padding included.", tuple(attention_mask.shape), num_tokens)
+    return None
+
+
+def add_routing(mass: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                real: torch.Tensor | None, hits: torch.Tensor | None = None):
+    """Add each expert's routing weight over the real tokens to `mass` [E] (and how many real tokens chose it to
+    `hits`); returns the number of real tokens (a tensor where `real` is given: no host sync)."""
+    index, weights = top_k_index.reshape(-1), top_k_weights.detach().to(mass.dtype)
+    keep = None if real is None else real.to(mass.device, mass.dtype).unsqueeze(-1).expand_as(weights)
+    mass.index_add_(0, index, (weights if keep is None else weights * keep).reshape(-1))
+    if hits is not None:
+        hits.index_add_(0, index, (torch.ones_like(weights) if keep is None else keep).reshape(-1))
+    return top_k_index.shape[0] if real is None else real.sum()
 
 
 class RoutingFrequency(nn.Module):
@@ -41,9 +83,9 @@ class RoutingFrequency(nn.Module):
         return self
 
     @torch.no_grad()
-    def record(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        self.step_mass.index_add_(0, top_k_index.reshape(-1), top_k_weights.reshape(-1).to(self.step_mass.dtype))
-        self.step_tokens.add_(top_k_index.shape[0])
+    def record(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        """Add one forward's routing (`real`: which of its positions are real tokens, None for all)."""
+        self.step_tokens.add_(add_routing(self.step_mass, top_k_index, top_k_weights, real))
 
     @torch.no_grad()
     def update(self, beta: float) -> None:
