@@ -1,12 +1,14 @@
 """MKL's batched GEMM for the grouped matmuls (drlora.mkl_batch): the same products as torch's grouped_mm, gradients
-included, for every layout drlora hands it, and only where it is meant to run."""
+included, for every layout drlora hands it, only where it is meant to run, and safe where it is not (autocast, a
+non-CPU default device, tensors it cannot read)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from drlora import mkl_batch
+from drlora import get_dr_lora_model, mkl_batch
 from drlora.grouped import grouped_mm, grouped_outer, route
+from tiny_models import small_config, tiny_moe, token_batch
 
 pytestmark = pytest.mark.skipif(not mkl_batch.available(), reason="torch was built without MKL's batched GEMM")
 
@@ -112,3 +114,93 @@ def test_used_only_for_float32_cpu_with_few_rows_per_expert_and_switched_off_by_
     assert type(grouped_mm(x_few, w_few, few).grad_fn).__name__ == "GroupedMmBackward0"
     a = torch.randn(few.expert_ids.numel(), 8)
     torch.testing.assert_close(grouped_outer(a, x_few.detach(), few), reference_outer(a, x_few.detach(), few.offsets))
+
+
+def test_first_products_of_a_process_under_cpu_autocast_work():
+    # Trainer(bf16=True, use_cpu=True), TRL and autocast loops: the one-time self-check must not see autocast
+    routed = _routed()
+    x = torch.randn(routed.expert_ids.numel(), 16, requires_grad=True)
+    w = torch.randn(6, 16, 8)
+    mkl_batch._verified.cache_clear()  # the first product of a process runs the self-check
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = grouped_mm(x, w, routed)
+        assert type(out.grad_fn).__name__ == "_BatchedGroupedMmBackward"  # the check passed: MKL still on
+        torch.testing.assert_close(out, reference_rows(x.detach(), w, routed.offsets))
+    mkl_batch._verified.cache_clear()
+    model = get_dr_lora_model(tiny_moe(), small_config())
+    model.train()
+    tokens = token_batch()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert mkl_batch.available()
+
+
+def test_a_self_check_that_raises_is_one_warning_and_torchs_kernels_for_the_process(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("an ABI surprise")
+
+    routed = _routed()
+    x, w = torch.randn(routed.expert_ids.numel(), 16, requires_grad=True), torch.randn(6, 16, 8)
+    monkeypatch.setattr(torch, "allclose", broken)  # the check's comparison fails, as anything in it could
+    mkl_batch._verified.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="drlora.mkl_batch"):
+            outs = [grouped_mm(x, w, routed) for _ in range(3)]
+        assert not mkl_batch.available()
+    finally:
+        monkeypatch.undo()
+        mkl_batch._verified.cache_clear()
+    assert [type(out.grad_fn).__name__ for out in outs] == ["GroupedMmBackward0"] * 3  # torch's kernel
+    torch.testing.assert_close(outs[0], reference_rows(x.detach(), w, routed.offsets))
+    assert [r.getMessage() for r in caplog.records] == [
+        "MKL's cblas_sgemm_batch self-check failed (RuntimeError: an ABI surprise); drlora uses torch's grouped_mm "
+        "instead."]
+    assert mkl_batch.available()
+
+
+def test_a_non_cpu_default_device_neither_crashes_nor_misleads_the_batched_gemm():
+    # torch.set_default_device("meta"/"cuda") must not make MKL write through a pointer that is not host memory
+    routed = _routed()
+    x = torch.randn(routed.expert_ids.numel(), 16, requires_grad=True)
+    w = torch.randn(6, 16, 12)
+    grad = torch.randn(x.shape[0], 12)
+    expected = reference_rows(x.detach(), w, routed.offsets)
+    expected_x_grad = reference_rows(grad, w.transpose(1, 2), routed.offsets)
+    previous = torch.get_default_device()
+    assert mkl_batch.available()
+    try:
+        torch.set_default_device("meta")
+        for fresh_check in (False, True):  # the products, then the self-check as well, under the default device
+            if fresh_check:
+                mkl_batch._verified.cache_clear()
+            out = grouped_mm(x, w, routed)
+            assert type(out.grad_fn).__name__ == "_BatchedGroupedMmBackward"
+            (x_grad,) = torch.autograd.grad(out, x, grad)
+            outer = mkl_batch.outer_sums(x.detach(), grad, routed.ranges)  # experts 0 and 3 get no rows
+            assert out.device.type == x_grad.device.type == outer.device.type == "cpu"
+            torch.testing.assert_close(out, expected)
+            torch.testing.assert_close(x_grad, expected_x_grad)
+            torch.testing.assert_close(outer, reference_outer(x.detach(), grad, routed.offsets))
+    finally:
+        torch.set_default_device(previous)
+    assert mkl_batch.available()
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float64", "meta x", "meta w"])
+def test_anything_but_cpu_float32_is_refused_before_mkl_sees_it(case):
+    routed = _routed()
+    x, w = torch.randn(routed.expert_ids.numel(), 16), torch.randn(6, 16, 8)
+    if case in ("bfloat16", "float64"):
+        x, w = x.to(getattr(torch, case)), w.to(getattr(torch, case))
+    elif case == "meta x":
+        x = x.to("meta")
+    else:
+        w = w.to("meta")
+    with pytest.raises(ValueError, match="takes strided float32 CPU tensors"):
+        mkl_batch.rows_times_weights(x, w, routed.ranges)
+    with pytest.raises(ValueError, match="takes strided float32 CPU tensors"):
+        mkl_batch.outer_sums(x, w.new_zeros(x.shape[0], 4), routed.ranges)

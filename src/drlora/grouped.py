@@ -114,18 +114,68 @@ def sort_weights(top_k_weights: torch.Tensor, routed: RoutedRows) -> torch.Tenso
 
 
 # ---- grouped matmuls ------------------------------------------------------------------------------------------------
-def _aligned(t: torch.Tensor) -> bool:
-    """The CPU kernel wants 16-byte aligned data and strides (except the unit stride)."""
+# Whether torch's grouped_mm kernel takes a pair of operands is one rule on both devices — the device's support and
+# the operands' layouts — so the shapes the CPU tests pass through the kernel are the shapes a GPU runs through it.
+# The layout rule is torch's own check (aten/src/ATen/native/GroupedMMUtils.h, check_valid_strides_and_return_
+# transposed, run by `_grouped_mm_validate_inputs` on every device) plus what the CUDA kernel needs without checking
+# it on the host (aten/src/ATen/native/cuda/GroupMM.cu, GroupMMCommon.cuh: every expert's matrix is a TMA copy whose
+# address must be 16-byte aligned). A product the rule refuses runs as the per-expert loop, never as an error.
+def kernel_accepts_layout(t: torch.Tensor) -> bool:
+    """Whether t's memory layout suits torch's grouped_mm kernels as a 2-D or 3-D operand.
+
+    torch requires: one of the last two dimensions has unit stride and the other a stride at least the unit
+    dimension's size (tested in that order: column-major first, as torch does) and a multiple of 16 bytes; a 16-byte
+    aligned data pointer (CUDA always; the CPU kernel too up to torch 2.10). The CUDA kernel also needs each
+    expert's matrix at a 16-byte aligned address, so a 3-D operand's batch stride must be a multiple of 16 bytes.
+    """
+    if t.layout != torch.strided or t.dim() not in (2, 3) or t.data_ptr() % 16 != 0:
+        return False
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+    (rows, cols), (stride_rows, stride_cols) = t.shape[-2:], t.stride()[-2:]
+    if stride_rows == 1 and stride_cols >= max(1, rows):
+        leading = stride_cols
+    elif stride_cols == 1 and stride_rows >= max(1, cols):
+        leading = stride_rows
+    else:
+        return False
+    experts_aligned = t.dim() == 2 or t.shape[0] == 1 or t.stride(0) * size % 16 == 0  # one expert: stride unused
+    return leading * size % 16 == 0 and experts_aligned
+
+
+def _ragged_dimension_not_unit(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the dimension `offs` splits is not a unit-stride one, in a 2-D x 3-D product (a's rows) or a 2-D x 2-D
+    one (a's columns, b's rows).
+
+    The CUDA kernel starts an expert's slice at offs[e - 1] along that dimension: with a unit stride there the
+    address is 16-byte aligned only when every group size is a multiple of 16 bytes, which GroupMMCommon.cuh asserts
+    on the device (a context-killing error, not an exception); the 2-D x 2-D kernel also refuses empty groups unless
+    a is column-major and b row-major. The CPU kernel does not need it; the rule is one for both devices.
+    """
+    if a.dim() == 2 and b.dim() == 3:
+        return a.stride(-1) == 1
+    if a.dim() == 2 and b.dim() == 2:
+        return a.stride(-1) != 1 and b.stride(-1) == 1
+    return True
+
+
+def device_runs_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm kernel runs operands of this dtype on this device.
+
+    CUDA: bf16 on SM >= 8.0, as torch documents it. Its CUTLASS kernel runs bf16 on SM 9.x/10.x only; torch >= 2.10
+    also takes float32/float16 on CUDA, but runs them (and bf16 on SM 8.x) as its own per-group mm loop with a host
+    sync — the same work as the per-expert loop here. CPU: float32, bf16, float16 (torch's per-group loop).
+    """
+    if not hasattr(F, "grouped_mm") or a.device != b.device or a.dtype != b.dtype:
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def grouped_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if a.device.type == "cuda":  # the CUDA kernel takes bfloat16 on SM >= 80
-        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
-    return a.device.type == "cpu" and _aligned(a) and _aligned(b)
+    """Whether `F.grouped_mm(a, b, offs=...)` runs: the device's support and both operands' layouts (see above)."""
+    return (device_runs_grouped_mm(a, b) and kernel_accepts_layout(a) and kernel_accepts_layout(b)
+            and _ragged_dimension_not_unit(a, b))
 
 
 def _expert_rows(routed: RoutedRows):
@@ -140,9 +190,9 @@ def _expert_rows(routed: RoutedRows):
 def _warn_fallback(a: torch.Tensor, b: torch.Tensor) -> None:
     global _warned_fallback
     if not _warned_fallback:
-        logger.warning("torch.nn.functional.grouped_mm is unavailable for these shapes/device (%s %s, %s x %s); "
-                       "using a per-expert loop, which is slower at large expert counts.", a.device.type, a.dtype,
-                       tuple(a.shape), tuple(b.shape))
+        logger.warning("torch.nn.functional.grouped_mm is unavailable for these shapes/device (%s %s, %s x %s, "
+                       "strides %s x %s); using a per-expert loop, which is slower at large expert counts.",
+                       a.device.type, a.dtype, tuple(a.shape), tuple(b.shape), a.stride(), b.stride())
         _warned_fallback = True
 
 

@@ -11,8 +11,9 @@ agree with torch's to float rounding, not always to the bit.
 
 Used only for float32 CPU tensors when the symbol is present (Linux x86 wheels); anything else — another BLAS, a
 GPU, bf16, `DRLORA_MKL_BATCH=0` in the environment — goes to torch's kernels. Every pointer handed to MKL is derived
-from tensors this module checked (dtype, device, a unit stride, bounds of the offsets), and they stay alive for the
-call.
+from tensors this module checked (strided CPU float32, a unit stride, bounds of the offsets), and they stay alive for
+the call. Everything it allocates is placed on the CPU by name: `torch.set_default_device("cuda")` (or "meta") would
+otherwise hand MKL a pointer it cannot read, and a native crash is not an error message.
 """
 
 from __future__ import annotations
@@ -50,19 +51,38 @@ def _sgemm_batch():
     return function
 
 
+def _self_check() -> bool:
+    """Whether the symbol computes what torch computes, on a two-expert product built on the CPU by name (whatever
+    the default device is)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(5, 3, generator=generator, device="cpu")
+    w = torch.randn(2, 3, 4, generator=generator, device="cpu")
+    out = rows_times_weights(x, w, row_ranges(torch.tensor([2, 5], dtype=torch.int32, device="cpu")))
+    return torch.allclose(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), rtol=1e-5, atol=1e-6)
+
+
 @functools.cache
 def _verified() -> bool:
-    """Whether the symbol computes what torch computes, on a two-expert product (a guard against ABI surprises)."""
+    """Whether the symbol computes what torch computes (a guard against ABI surprises), checked once per process.
+
+    Runs with CPU autocast off (its products are CPU products): under `torch.autocast("cpu", dtype=bfloat16)` the
+    reference product would come out in bf16 and the comparison would raise. A failure of any kind — wrong values
+    or an exception — is cached as "not available" with one warning: an error here would otherwise be raised again by
+    every forward of the process.
+    """
     if _sgemm_batch() is None:
         return False
-    generator = torch.Generator().manual_seed(0)
-    x, w = torch.randn(5, 3, generator=generator), torch.randn(2, 3, 4, generator=generator)
-    out = rows_times_weights(x, w, row_ranges(torch.tensor([2, 5], dtype=torch.int32)))
-    if torch.allclose(out, torch.cat([x[:2] @ w[0], x[2:] @ w[1]]), rtol=1e-5, atol=1e-6):
-        return True
-    logger.warning("MKL's cblas_sgemm_batch in this torch build gave wrong results on a test product; drlora uses "
-                   "torch's grouped_mm instead.")
-    return False
+    try:
+        with torch.autocast("cpu", enabled=False):
+            correct = _self_check()
+    except Exception as error:  # any failure means: use torch's kernels, and say so once
+        logger.warning("MKL's cblas_sgemm_batch self-check failed (%s: %s); drlora uses torch's grouped_mm instead.",
+                       type(error).__name__, error)
+        return False
+    if not correct:
+        logger.warning("MKL's cblas_sgemm_batch in this torch build gave wrong results on a test product; drlora "
+                       "uses torch's grouped_mm instead.")
+    return correct
 
 
 def available() -> bool:
@@ -86,6 +106,21 @@ def suits(a: torch.Tensor, b: torch.Tensor, rows: int, experts: int) -> bool:
     """Whether the batched call should run a grouped product of these operands over `rows` routed rows."""
     return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
             and rows <= MAX_MEAN_ROWS * experts and available())
+
+
+def _require_cpu_float32(*tensors: torch.Tensor) -> None:
+    """Refuse, before any pointer is taken, a tensor MKL cannot read as float32 host memory."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
+            raise ValueError(f"mkl_batch: MKL's batched GEMM takes strided float32 CPU tensors, not {t.dtype} "
+                             f"({t.layout}) on {t.device}; use torch.nn.functional.grouped_mm for those "
+                             "(mkl_batch.suits says which to use).")
+
+
+def _address(t: torch.Tensor) -> int:
+    """t's data pointer, for a tensor checked to be CPU float32 (also the outputs, against a default device)."""
+    _require_cpu_float32(t)
+    return t.data_ptr()
 
 
 def _layout(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -158,18 +193,19 @@ def _call(trans_a, lda, trans_b, ldb, m, n, k, a_ptrs, b_ptrs, c_ptrs, ldc) -> N
 def rows_times_weights(x: torch.Tensor, w: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
     """x [N, K] times w [E, K, M], expert e's rows (`ranges`, from the offsets) with w[e] -> [N, M] (rows past the
     last offset are zero), as `torch.nn.functional.grouped_mm(x, w, offs=offsets)` computes it."""
+    _require_cpu_float32(x, w)
     rows, inner = x.shape
     num_experts, w_inner, cols = w.shape
     if w_inner != inner:
         raise ValueError(f"mkl_batch: shapes {tuple(x.shape)} x {tuple(w.shape)}")
     _check_rows(ranges, rows, num_experts)
-    out = torch.empty(rows, cols, dtype=x.dtype)
+    out = torch.empty(rows, cols, dtype=torch.float32, device="cpu")
     experts, starts, counts = ranges.experts, ranges.starts, ranges.counts
     x, trans_a, lda = _layout(x)
     w, trans_b, ldb = _layout(w)
     size = x.element_size()
-    _call(trans_a, lda, trans_b, ldb, counts, cols, inner, x.data_ptr() + starts * (x.stride(0) * size),
-          w.data_ptr() + experts * (w.stride(0) * size), out.data_ptr() + starts * (cols * size), cols)
+    _call(trans_a, lda, trans_b, ldb, counts, cols, inner, _address(x) + starts * (x.stride(0) * size),
+          _address(w) + experts * (w.stride(0) * size), _address(out) + starts * (cols * size), cols)
     if ranges.covered < rows:
         out[ranges.covered:].zero_()
     return out
@@ -178,21 +214,22 @@ def rows_times_weights(x: torch.Tensor, w: torch.Tensor, ranges: RowRanges) -> t
 def outer_sums(a: torch.Tensor, b: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
     """Per expert, a[rows]ᵀ b[rows] for a [N, P], b [N, Q] -> [E, P, Q] (zero for experts without rows), as
     `torch.nn.functional.grouped_mm(a.t(), b, offs=offsets)` computes it."""
+    _require_cpu_float32(a, b)
     rows, p = a.shape
     if b.shape[0] != rows:
         raise ValueError(f"mkl_batch: outer products of {tuple(a.shape)} and {tuple(b.shape)}")
     _check_rows(ranges, rows, ranges.num_experts)
     q = b.shape[1]
-    out = torch.empty(ranges.num_experts, p, q, dtype=a.dtype)
+    out = torch.empty(ranges.num_experts, p, q, dtype=torch.float32, device="cpu")
     experts, starts, counts = ranges.experts, ranges.starts, ranges.counts
     if len(experts) < ranges.num_experts:
-        empty = torch.ones(ranges.num_experts, dtype=torch.bool)
+        empty = torch.ones(ranges.num_experts, dtype=torch.bool, device="cpu")
         empty[torch.from_numpy(experts)] = False
         out[empty] = 0
     a, trans_a, lda = _layout(a)
     b, trans_b, ldb = _layout(b)
     size = a.element_size()
     _call(_TRANS if trans_a == _NO_TRANS else _NO_TRANS, lda, trans_b, ldb, p, q, counts,
-          a.data_ptr() + starts * (a.stride(0) * size), b.data_ptr() + starts * (b.stride(0) * size),
-          out.data_ptr() + experts * (p * q * size), q)
+          _address(a) + starts * (a.stride(0) * size), _address(b) + starts * (b.stride(0) * size),
+          _address(out) + experts * (p * q * size), q)
     return out
