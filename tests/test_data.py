@@ -27,6 +27,10 @@ def test_reads_the_three_row_kinds(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     ('{"prompt": "Q", "choices": ["a", "b"], "label": 2}', r"line 2: \"label\" must be an integer index"),
     ('{"prompt": "Q", "choices": ["a"], "label": 0}', r"line 2: \"choices\" must be a list of at least two"),
+    ('{"prompt": "Q", "choices": ["a", "b"]}', r"line 2: a multiple-choice row needs \"label\", the index of the "
+                                               r"correct choice in \"choices\" \(0\.\.1\)\.$"),
+    ('{"prompt": "Q", "choices": ["a", "b"], "label": null}', r"line 2: \"label\" must be an integer index into "
+                                                             r"\"choices\" \(0\.\.1\), got None"),
     ('{"prompt": "Q"', "line 2: not valid JSON"),
     ('{"question": "Q"}', r"line 2: a row needs a string \"prompt\""),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "line 2: message 0 must be"),
@@ -36,6 +40,19 @@ def test_malformed_rows_are_reported_with_their_line(tmp_path, bad, message):
     good = json.dumps({"prompt": "Q?", "choices": [" a", " b"], "label": 0})
     with pytest.raises(DataError, match=message):
         read_jsonl(write(tmp_path, [good, bad]))
+
+
+def test_a_utf8_byte_order_mark_reads_like_none(tmp_path):
+    """Windows editors save UTF-8 with a BOM; the user's file and a builtin task go through the same reader."""
+    from drlora.builtin import load_rows
+
+    lines = [json.dumps({"prompt": "Q?", "choices": [" a", " b"], "label": 1}),
+             json.dumps({"prompt": "R?", "choices": [" c", " d"], "label": 0})]
+    plain = write(tmp_path, lines, "plain.jsonl")
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_jsonl(marked) == read_jsonl(plain)
+    assert load_rows(str(marked)) == load_rows(str(plain))
 
 
 def test_missing_and_empty_files(tmp_path):

@@ -51,7 +51,7 @@ def test_yaml_then_overrides_in_order(tmp_path):
     ("train.batch_size=0", "train.batch_size must be at least 1"),
     ("resume=maybe", "resume must be true or false"),
     ("data=siqa", "data is a section; set its keys"),
-    ("drlora.r_target=64", "r_init <= r_target <= r_max"),
+    ("drlora.r_target=64", "drlora.r_init <= drlora.r_target <= drlora.r_max"),
     ("train.max_steps", "is not key=value"),
 ])
 def test_bad_keys_and_values_are_one_sentence(override, message):
@@ -96,3 +96,23 @@ def test_cli_config_error_is_exit_2(capsys):
     assert main(["config", "train.learnig_rate=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("drlora: error: unknown config key 'train.learnig_rate'") and "\n" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("drlora.r_init=20", "ranks must satisfy drlora.r_init <= drlora.r_target <= drlora.r_max, got drlora.r_init=20, "
+                         "drlora.r_target=16, drlora.r_max=32."),
+    ("drlora.signal=importanc", "drlora.signal must be one of ('routing*importance', 'importance', 'routing'), got "
+                                "'importanc' (did you mean 'importance'?)."),
+    ("drlora.lora_dropout=1.5", "drlora.lora_dropout must be in [0, 1), got 1.5."),
+])
+def test_drlora_section_errors_name_the_key_with_one_prefix(override, message, capsys):
+    """DRLoRAConfig's own checks, with its field names spelt as the recipe's keys; the CLI adds the only prefix."""
+    assert main(["train", override]) == 2
+    assert capsys.readouterr().err == f"drlora: error: {message}\n"
+
+
+def test_config_help_names_every_builtin_task():
+    from drlora.builtin.tasks import TASKS
+
+    (line,) = [line for line in describe(RunConfig()).splitlines() if line.strip().startswith("train: [")]
+    assert f"builtin task names ({', '.join(TASKS)})" in line

@@ -60,6 +60,25 @@ def test_cli_prints_a_table(checkpoint, capsys):
     assert main(["eval", "--model", str(root / "model"), "--task", str(root / "task.jsonl"), "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert "acc_norm" in out and "task.jsonl" in out
+    assert "split" not in out  # a file has no split
+
+
+def test_the_table_says_split_for_builtin_tasks_and_file_for_files():
+    from drlora.run_eval import format_table
+
+    report = {"split": "validation", "results": {"siqa": {"acc": 0.5, "acc_norm": 0.25, "n": 4},
+                                                 "/data/mine.jsonl": {"acc": 1.0, "acc_norm": 0.75, "n": 2}}}
+    header, siqa, mine = format_table(report).splitlines()
+    assert header.split()[:2] == ["task", "data"]
+    assert siqa.split()[:3] == ["siqa", "validation", "split"]
+    assert mine.split()[:2] == ["mine.jsonl", "file"] and "split" not in mine
+
+
+def test_no_task_names_every_builtin_task():
+    from drlora.builtin.tasks import TASKS
+
+    with pytest.raises(ValueError, match=f"no task given; name a builtin task \\({', '.join(TASKS)}\\) or a JSONL"):
+        evaluate_model("builtin:smollm2-moe", [])
 
 
 @pytest.mark.parametrize("args, message", [

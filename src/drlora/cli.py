@@ -1,4 +1,8 @@
-"""The `drlora` command line. Thin: every command is a call into the library."""
+"""The `drlora` command line. Thin: every command is a call into the library.
+
+Only what a command needs is imported, and only once it needs it: torch, transformers and peft take seconds to
+import, and a typo in a config key must be refused before that.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def _eval(args) -> int:
                             dtype=args.dtype, device=args.device, output=args.output,
                             trust_remote_code=args.trust_remote_code)
     adapter = f" + adapter {args.adapter}" if args.adapter else ""
-    print(f"{args.model}{adapter} — {args.split} split, {args.backend} scorer")
+    print(f"{args.model}{adapter} — {args.backend} scorer")  # the table says which split (or file) each row scored
     print(format_table(report))
     if args.output:
         print(f"wrote {args.output}")
@@ -52,10 +56,13 @@ def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 def _train(args) -> int:
     from .recipe.config import load_config
-    from .recipe.run import train
 
     path, overrides = _split_config_args(args.items)
-    train(load_config(path, overrides))
+    config = load_config(path, overrides)  # refuses a bad key or value before the seconds of importing torch
+
+    from .recipe.run import train
+
+    train(config)
     return 0
 
 
@@ -102,8 +109,20 @@ def _compare_help() -> str:
     return "The spec format and what compare writes:\n\n" + compare.__doc__.split("\n\n", 1)[1]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when the help is shown: the train and compare
+    epilogs import their modules (compare's pulls in matplotlib), which no other invocation should pay for."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="drlora", description="DR-LoRA for Mixture-of-Experts language models.")
+    from .builtin.tasks import TASKS
+
+    parser = _Parser(prog="drlora", description="DR-LoRA for Mixture-of-Experts language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build-model", help="build a builtin model into the cache (offline after the "
@@ -128,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
                          "merged model)")
     ev.add_argument("--adapter", default=None, help="a drlora adapter folder or run folder to apply to --model")
     ev.add_argument("--task", nargs="+", required=True,
-                    help="builtin task names (siqa, strategyqa, sports, emqa) and/or JSONL files")
+                    help=f"builtin task names ({', '.join(TASKS)}) and/or JSONL files")
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"),
                     help="split of builtin tasks (default test; ignored for files)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each task")
@@ -146,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="fine-tune an MoE with DR-LoRA: drlora train [CONFIG.yaml] [key=value ...]",
                              description="Fine-tune a Mixture-of-Experts model with DR-LoRA on transformers' Trainer "
                                          "and write a run folder (config, adapter, metrics, rank map, checkpoints).",
-                             epilog=_train_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                             epilog=_train_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]",
                     help="a YAML config file and/or dotted overrides such as train.max_steps=100")
     tr.set_defaults(run=_train)
@@ -164,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
                              description="Run every (method, task, seed) of a spec through drlora train (resumably: "
                                          "finished runs are skipped) and write results.csv, results.md, results.png "
                                          "and rank_heatmaps.png into its output_dir.",
-                             epilog=_compare_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                             epilog=_compare_help, formatter_class=argparse.RawDescriptionHelpFormatter)
     cm.add_argument("spec", help="the compare spec (YAML), e.g. configs/compare/builtin.yaml")
     cm.add_argument("--overwrite", action="store_true",
                     help="redo the runs whose folder holds another configuration (the spec changed)")

@@ -41,6 +41,9 @@ def row_kind(row: dict) -> str:
         choices, label = row["choices"], row.get("label")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise DataError('"choices" must be a list of at least two strings')
+        if "label" not in row:
+            raise DataError('a multiple-choice row needs "label", the index of the correct choice in "choices" '
+                            f'(0..{len(choices) - 1})')
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
             raise DataError(f'"label" must be an integer index into "choices" (0..{len(choices) - 1}), got {label!r}')
         return "mc"
@@ -56,8 +59,8 @@ def read_jsonl(path, kinds: Iterable[str] = ("mc", "generation", "chat")) -> lis
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; pass a JSONL file or a builtin task name.")
     rows, first_kind = [], None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark, which is no part of the JSON
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read {path}: {err}; it must be a UTF-8 text file.") from err
     for number, line in enumerate(lines, start=1):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import __version__
 from .builtin import load_rows
+from .builtin.tasks import TASKS
 from .fileio import write_json
-from .loading import adapter_folder, load_model
 
 BACKENDS = ("drlora", "lm-eval")
 
@@ -28,8 +28,11 @@ def evaluate_model(model: str, tasks, split: str = "test", adapter=None, backend
         raise ValueError(f"limit must be a positive number of rows, got {limit}.")
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     if not tasks:
-        raise ValueError("no task given; name a builtin task (siqa, strategyqa, sports, emqa) or a JSONL file.")
+        raise ValueError(f"no task given; name a builtin task ({', '.join(TASKS)}) or a JSONL file.")
     rows_by_task = {task: load_rows(task, split)[:limit] for task in tasks}  # fail on bad input before loading
+
+    from .loading import adapter_folder, load_model  # torch and transformers: seconds, so after the checks above
+
     if adapter is not None:
         adapter = adapter_folder(adapter)
     loaded, tokenizer = load_model(model, adapter=adapter, dtype=dtype, device=device,
@@ -56,10 +59,12 @@ def evaluate_model(model: str, tasks, split: str = "test", adapter=None, backend
 
 
 def format_table(report: dict) -> str:
-    """A small text table of a report's results."""
+    """A small text table of a report's results. Its data column says which split of a builtin task was scored, or
+    'file' for a JSONL file: files have no splits, `split` does not apply to them."""
     metrics = [m for m in ("acc", "acc_norm", "exact_match") if any(m in r for r in report["results"].values())]
-    lines = [f"{'task':<14}" + "".join(f"{m:>12}" for m in metrics) + f"{'n':>7}"]
+    lines = [f"{'task':<14}{'data':<12}" + "".join(f"{m:>12}" for m in metrics) + f"{'n':>7}"]
     for task, result in report["results"].items():
+        data = f"{report['split']} split" if task in TASKS else "file"
         cells = "".join(f"{result[m]:>12.4f}" if m in result else f"{'-':>12}" for m in metrics)
-        lines.append(f"{Path(task).name if '/' in task else task:<14}{cells}{result['n']:>7}")
+        lines.append(f"{Path(task).name if '/' in task else task:<14}{data:<12}{cells}{result['n']:>7}")
     return "\n".join(lines)

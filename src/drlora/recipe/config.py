@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..builtin.tasks import TASKS
 from ..config import DRLoRAConfig
 
 # method -> the engine settings it fixes (drlora.recipe.methods builds the model)
@@ -41,8 +43,8 @@ def _opt(default, help_text: str, choices: tuple | None = None):
 
 @dataclass
 class DataConfig:
-    train: list[str] = _opt(["siqa"], "Training data: builtin task names (siqa, strategyqa, sports, emqa) and/or "
-                                      "JSONL files (multiple-choice, generation or chat rows).")
+    train: list[str] = _opt(["siqa"], f"Training data: builtin task names ({', '.join(TASKS)}) and/or JSONL files "
+                                      "(multiple-choice, generation or chat rows).")
     eval: list[str] | None = _opt(None, "Evaluation data, scored before and after training: builtin tasks and/or "
                                         "JSONL files. null: the builtin tasks among data.train.")
     eval_split: str = _opt("test", "Split of builtin eval tasks.", SPLITS)
@@ -69,8 +71,13 @@ class TrainingConfig:
                                         "the run).")
     save_total_limit: int = _opt(2, "Checkpoints to keep (the newest ones).")
     eval_batch_size: int = _opt(16, "Sequences per forward pass when evaluating.")
-    mixed_precision: str = _opt("no", "Autocast: no, bf16 or fp16 (GPU); the weights keep the base model's dtype.",
+    mixed_precision: str = _opt("no", "Autocast: no, bf16 or fp16 (GPU). The base weights keep their dtype (see "
+                                      "dtype); what drlora trains is float32 either way (drlora.adapter_dtype).",
                                 ("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward to save memory (slower); "
+                                               "DR-LoRA counts routing once per real forward and its importance is "
+                                               "unchanged. Non-reentrant checkpointing (use_reentrant=False), which "
+                                               "needs no input gradients for the frozen base.")
     tensorboard: bool | None = _opt(None, "Write TensorBoard logs to output_dir/logs (null: when installed).")
     keep_host_memory: bool = _opt(True, "Keep freed host memory in the process (glibc's malloc thresholds, see "
                                         "drlora.host_memory): CPU steps stop page-faulting their tensors in again "
@@ -312,7 +319,14 @@ def validate(config: RunConfig) -> None:
         DRLoRAConfig.from_dict({**drlora_defaults(), **config.drlora, **METHOD_SETTINGS[config.method],
                                 "growth_interval": 1 if growth == "auto" else growth, "seed": config.seed})
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"drlora: {err}") from None
+        raise ConfigError(_with_drlora_keys(str(err))) from None
+
+
+def _with_drlora_keys(message: str) -> str:
+    """DRLoRAConfig's message with its field names spelt as the recipe's keys (r_init -> drlora.r_init), so that it
+    names what to change on the command line or in the YAML file. Quoted words are values, not keys: left alone."""
+    names = "|".join(sorted(drlora_defaults(), key=len, reverse=True))
+    return re.sub(rf"(?<![\w.'\"])({names})(?![\w'\"])", r"drlora.\1", message)
 
 
 # ---- showing ------------------------------------------------------------------------------------------------------
