@@ -12,7 +12,7 @@ import yaml
 from tiny_models import WORDS, save_tiny_checkpoint
 
 from drlora.cli import main
-from drlora.recipe.compare import compare, markdown_from_csv
+from drlora.recipe.compare import compare, markdown_from_csv, plan
 from drlora.recipe.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -30,11 +30,21 @@ def assets(tmp_path_factory):
     save_tiny_checkpoint(root / "model")
     rng = random.Random(0)
     rows = []
-    for _ in range(24):
+    for _ in range(80):  # the answer is the prompt's word: learnable, so held-out scores move with training
         a, b = rng.sample(WORDS, 2)
-        rows.append({"prompt": f"the {a} sat on", "choices": [f" {a}", f" {b}"], "label": rng.randrange(2)})
-    (root / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        label = rng.randrange(2)
+        choices = [f" {a}", f" {b}"] if label == 0 else [f" {b}", f" {a}"]
+        rows.append({"prompt": f"the {a} sat on", "choices": choices, "label": label})
+    rows = list({json.dumps(r): r for r in rows}.values())  # no row in both files
+    assert len(rows) >= 48
+    (root / "words_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
+    (root / "words_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:48]))
     return root
+
+
+def words_task(assets, **changes) -> dict:
+    return {"name": "words", "train": str(assets / "words_train.jsonl"), "eval": str(assets / "words_test.jsonl"),
+            **changes}
 
 
 def make_spec(assets, out, **changes) -> dict:
@@ -43,7 +53,7 @@ def make_spec(assets, out, **changes) -> dict:
                        "train": {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 1,
                                  "learning_rate": 5e-2, "save_steps": 2},
                        "drlora": {"r_init": 2, "r_target": 4, "r_max": 8, "max_grow_per_event": 2}},
-            "tasks": [str(assets / "words.jsonl")], "seeds": [0, 1],
+            "tasks": [words_task(assets)], "seeds": [0, 1],
             "methods": {"dr-lora": {}, "gamma-0": {"drlora": {"gamma": 0}}}}
     spec.update(changes)
     return spec
@@ -75,7 +85,7 @@ def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets,
                        "runs/gamma-0/words/seed1"]
     csv_rows = read_rows(out / "results.csv")
     assert len(csv_rows) == len(rows) == 4
-    task = str(assets / "words.jsonl")
+    task = str(assets / "words_test.jsonl")  # the key of metrics.json's scores: the run's data.eval
     for row in csv_rows:  # every score is the run's own metrics.json
         run_dir = out / "runs" / row["method"] / "words" / f"seed{row['seed']}"
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -139,6 +149,18 @@ def test_dry_run_lists_the_plan_and_writes_nothing(assets, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_file_task_trains_on_its_train_file_and_is_scored_on_its_eval_file(assets, tmp_path):
+    unnamed = {k: v for k, v in words_task(assets).items() if k != "name"}  # labelled by the train file's stem
+    _, runs = plan(make_spec(assets, tmp_path / "cmp", tasks=["sentiment", unnamed], seeds=[0]))
+    train, held_out = str(assets / "words_train.jsonl"), str(assets / "words_test.jsonl")
+    assert [(r.label, r.task_label, r.task) for r in runs] == [
+        ("dr-lora", "sentiment", "sentiment"), ("gamma-0", "sentiment", "sentiment"),
+        ("dr-lora", "words_train", held_out), ("gamma-0", "words_train", held_out)]
+    assert [(r.config.data.train, r.config.data.eval) for r in runs[2:]] == [([train], [held_out])] * 2
+    assert runs[0].config.data.train == runs[0].config.data.eval == ["sentiment"]  # split: train / data.eval_split
+    assert runs[3].run_dir == tmp_path / "cmp/runs/gamma-0/words_train/seed0"
+
+
 def test_markdown_from_a_hand_written_csv(tmp_path):
     header = "method,task,seed,config_method,metric,before,after,acc_norm_after,active_params,reserved_params," \
              "trainable_params,train_time_s,train_tokens_per_s,steps,run_dir\n"
@@ -168,7 +190,7 @@ def test_markdown_from_a_hand_written_csv(tmp_path):
     ("bad override", "method 'gamma-0': unknown config key 'drlora.gama' (did you mean 'gamma'?)"),
     ("managed key", "method 'gamma-0' sets data.train, which compare sets for each run"),
     ("duplicate label", "gives method 'gamma-0' twice"),
-    ("missing task", "task 'nowhere.jsonl' is neither a builtin task nor an existing file"),
+    ("missing task", "task 'sentimnt' is not a builtin task (did you mean 'sentiment'?)"),
 ])
 def test_bad_specs_fail_with_one_sentence_and_write_nothing(assets, tmp_path, capsys, case, message):
     out = tmp_path / "cmp"
@@ -183,7 +205,7 @@ def test_bad_specs_fail_with_one_sentence_and_write_nothing(assets, tmp_path, ca
     elif case == "managed key":
         spec["methods"]["gamma-0"] = {"data": {"train": ["x.jsonl"]}}
     elif case == "missing task":
-        spec["tasks"] = ["nowhere.jsonl"]
+        spec["tasks"] = ["sentimnt"]
     write_spec(spec_file, spec)
     if case == "duplicate label":
         spec_file.write_text(spec_file.read_text().replace("  gamma-0:", "  gamma-0: {}\n  gamma-0:"))
@@ -194,3 +216,36 @@ def test_bad_specs_fail_with_one_sentence_and_write_nothing(assets, tmp_path, ca
     if case != "duplicate label":  # the Python API refuses the same spec as a dict
         with pytest.raises(ConfigError, match="^" + err[0].removeprefix("drlora: error: ")[:20]):
             compare(spec, progress=False)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bare file", "task '{train}' is a bare file, so compare would train and evaluate on the same rows; name a "
+                  "held-out eval file instead, e.g. {{name: words_train, train: {train}, eval: "
+                  "{assets}/words_train_test.jsonl}}."),
+    ("same file", "task 'words' trains and evaluates on the same file {train}; name a held-out eval file."),
+    ("overlapping rows", "task 'words': 2 of the 3 eval rows in {copy} are also training rows in {train}; remove them"),
+    ("missing eval file", "task 'words': its eval file {assets}/nowhere.jsonl does not exist."),
+    ("train split", "method 'gamma-0' would score builtin task 'sentiment' on its train split"),
+])
+def test_specs_that_would_score_training_rows_are_refused_before_anything_is_written(assets, tmp_path, capsys, case,
+                                                                                     message):
+    out, train = tmp_path / "cmp", assets / "words_train.jsonl"
+    copy = tmp_path / "copied.jsonl"  # two training rows copied verbatim (keys reordered: compared as parsed JSON)
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    copy.write_text("".join(json.dumps(dict(reversed(r.items()))) + "\n" for r in rows[:2]) +
+                    (assets / "words_test.jsonl").read_text().splitlines(keepends=True)[0])
+    same = f"{assets}/../{assets.name}/{train.name}"  # another spelling of the train file
+    tasks = {"bare file": [str(train)], "same file": [words_task(assets, eval=same)],
+             "overlapping rows": [words_task(assets, eval=str(copy))],
+             "missing eval file": [words_task(assets, eval=str(assets / "nowhere.jsonl"))],
+             "train split": ["sentiment"]}[case]
+    spec = make_spec(assets, out, tasks=tasks)
+    if case == "train split":
+        spec["methods"]["gamma-0"]["data"] = {"eval_split": "train"}
+    spec_file = write_spec(tmp_path / "spec.yaml", spec)
+    assert main(["compare", str(spec_file), "--dry-run"]) == 2  # refused even where nothing would run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(train=train, assets=assets, copy=copy) in err[0]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="^" + err[0].removeprefix("drlora: error: ")[:20]):
+        compare(spec, progress=False)

@@ -7,13 +7,22 @@ run folders' metrics.json. The spec (YAML, or the same dict in Python):
     output_dir: runs/compare          # required; everything goes here (relative to the working directory)
     config:                           # RunConfig keys shared by every run, nested as in a `drlora train` YAML
       train: {max_steps: 40, batch_size: 16}
-    tasks: [sentiment, my/data.jsonl] # builtin tasks or JSONL files; labelled by the name or the file's stem
+    tasks:                            # builtin task names, or your JSONL files as {name, train, eval}
+      - sentiment
+      - {name: mytask, train: data/my_train.jsonl, eval: data/my_test.jsonl}
     seeds: [0, 1, 2]
     methods:                          # row label -> RunConfig overrides of that method (may be {})
       dr-lora: {}
       gamma-0: {drlora: {gamma: 0}}
 
-A run's config is config_from_mappings(config, methods[label], {data: {train: [task], eval: [task]}, seed,
+A builtin task trains on its train split and is scored on data.eval_split (test unless the config says otherwise);
+a file task trains on its train file and is scored on its eval file. A task's label (the builtin name, or the file
+task's name, by default its train file's stem) names its folder and table column. A score is only worth reading on
+rows the model did not train on, so compare refuses a spec that would evaluate on training rows: a bare JSONL path
+(it would be both), a file task whose train and eval are the same file or whose eval file repeats training rows
+verbatim (both files are read once to check), and data.eval_split: train with a builtin task.
+
+A run's config is config_from_mappings(config, methods[label], {data: {train: [TRAIN], eval: [EVAL]}, seed,
 output_dir: OUTPUT_DIR/runs/LABEL/TASK/seedN}); those keys (and overwrite, resume) are compare's, so the spec may
 not set them. Every config is resolved before anything runs, so a bad spec fails (one sentence, nothing written)
 before hours of training. Runs go in-process in the order seed → task → method, so a stopped study holds complete
@@ -40,9 +49,9 @@ from pathlib import Path
 
 import yaml
 
-from ..builtin.tasks import TASKS
 from ..fileio import write_text
 from .compare_figures import draw_rank_heatmaps, draw_results
+from .compare_tasks import Task, parse_task, refuse_leak
 from .config import ConfigError, RunConfig, _did_you_mean, config_from_mappings
 from .run_dir import config_differences
 
@@ -57,7 +66,7 @@ FLOATS = {"before", "after", "acc_norm_after", "train_time_s", "train_tokens_per
 @dataclasses.dataclass
 class PlannedRun:
     label: str
-    task: str  # as the spec gives it: the key of metrics.json's eval_after
+    task: str  # the eval set as the run's data.eval gives it: the key of metrics.json's eval_after
     task_label: str
     seed: int
     config: RunConfig
@@ -99,12 +108,7 @@ def _refuse_managed(mapping: dict, where: str, prefix: str = "") -> None:
             _refuse_managed(value, where, f"{prefix}{key}.")
 
 
-def task_label(task: str) -> str:
-    """A builtin task's name, or a file's stem: the task's folder and column name."""
-    return task if task in TASKS else Path(task).stem
-
-
-def _checked(spec: dict) -> tuple[dict, list[str], list[int], dict[str, dict]]:
+def _checked(spec: dict) -> tuple[dict, list[Task], list[int], dict[str, dict]]:
     """(shared config, tasks, seeds, methods) of a spec, each checked; one sentence naming the bad key."""
     def check(ok, message: str) -> None:
         if not ok:
@@ -120,15 +124,17 @@ def _checked(spec: dict) -> tuple[dict, list[str], list[int], dict[str, dict]]:
     check(isinstance(spec["output_dir"], str), f"the spec's output_dir must be a folder, got {spec['output_dir']!r}.")
     check(isinstance(shared, dict), "the spec's config must be a mapping of RunConfig keys (as in a train YAML).")
     _refuse_managed(shared, "the spec's config")
-    tasks = [tasks] if isinstance(tasks, str) else tasks
-    check(isinstance(tasks, list) and all(isinstance(t, str) and t for t in tasks),
-          "the spec's tasks must be a list of builtin task names or JSONL files.")
+    tasks = [tasks] if isinstance(tasks, (str, dict)) else tasks
+    check(isinstance(tasks, list), "the spec's tasks must be a list of builtin task names and {name, train, eval} "
+                                   "file tasks.")
+    tasks = [parse_task(entry) for entry in tasks]
     for i, task in enumerate(tasks):
-        check(task in TASKS or Path(task).expanduser().is_file(), f"task {task!r} is neither a builtin task"
-              f"{_did_you_mean(task, TASKS)} nor an existing file; builtin tasks are {', '.join(TASKS)}.")
-        twin = next((t for t in tasks[:i] if task_label(t) == task_label(task)), None)
-        check(twin is None, f"tasks {twin!r} and {task!r} share the label {task_label(task)!r}; list each task once, "
-                            "files with distinct names.")
+        twin = next((t for t in tasks[:i] if t.label == task.label), None)
+        check(twin is None, f"two tasks share the label {task.label!r}; list each task once, and give file tasks "
+                            "distinct names.")
+    for task in tasks:  # after every cheaper check: this one reads the files
+        if not task.builtin:
+            refuse_leak(task)
     seeds = [seeds] if isinstance(seeds, int) else seeds
     check(isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds),
           "the spec's seeds must be a list of integers, e.g. [0, 1, 2].")
@@ -156,14 +162,18 @@ def plan(spec) -> tuple[dict, list[PlannedRun]]:
     for seed in seeds:  # seed-major: a stopped study holds whole tables of its first seeds, not some methods only
         for task in tasks:
             for label, overrides in methods.items():
-                out = Path(spec["output_dir"]) / "runs" / label / task_label(task) / f"seed{seed}"
+                out = Path(spec["output_dir"]) / "runs" / label / task.label / f"seed{seed}"
                 try:
-                    config = config_from_mappings(shared, overrides, {"data": {"train": [task], "eval": [task]},
+                    config = config_from_mappings(shared, overrides, {"data": {"train": [task.train],
+                                                                               "eval": [task.eval]},
                                                                       "seed": seed, "output_dir": str(out)})
                 except ConfigError as err:
                     raise ConfigError(f"method {label!r}: {err}") from None
-                run = PlannedRun(label, task, task_label(task), seed, config, out,
-                                 f"{label} / {task_label(task)} / seed {seed}")
+                if task.builtin and config.data.eval_split == "train":
+                    raise ConfigError(f"method {label!r} would score builtin task {task.label!r} on its train split, "
+                                      "the rows it trains on (data.eval_split: train); use validation or test.")
+                run = PlannedRun(label, task.eval, task.label, seed, config, out,
+                                 f"{label} / {task.label} / seed {seed}")
                 run.state, run.changes = _state(run)
                 runs.append(run)
     return {**spec, "config": shared, "tasks": tasks, "seeds": seeds, "methods": methods}, runs
@@ -312,7 +322,7 @@ def markdown_from_csv(csv_path) -> str:
             for col in columns}  # compared as shown, so equal-looking means are bold together
     for m in methods:
         cells = [cell(scores[(m, col)].values()) if scores[(m, col)] else "–" for col in columns]
-        cells = [f"**{c}**" if best[col] == c.split(" ")[0] else c for c, col in zip(cells, columns)]
+        cells = [f"**{c}**" if best[col] == c.split(" ")[0] else c for c, col in zip(cells, columns, strict=True)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     base = [f"{t} {statistics.fmean(agg['before'][t]):.1f}" for t in agg["tasks"] if agg["before"][t]]
     lines += ["", f"Base model before training: {', '.join(base) if base else 'not evaluated'}.", "",
