@@ -116,3 +116,17 @@ def test_config_help_names_every_builtin_task():
 
     (line,) = [line for line in describe(RunConfig()).splitlines() if line.strip().startswith("train: [")]
     assert f"builtin task names ({', '.join(TASKS)})" in line
+
+
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_keeps_its_default():
+    import yaml
+
+    from drlora.recipe.config import RunConfig, to_yaml
+    from drlora.recipe.run_dir import config_differences
+
+    saved = yaml.safe_load(to_yaml(RunConfig()))
+    del saved["train"]["gradient_checkpointing"], saved["drlora"]["adapter_dtype"]  # a folder of drlora 0.2
+    assert config_differences(saved, RunConfig()) == []
+    changed = RunConfig()
+    changed.drlora = {"adapter_dtype": "base"}
+    assert config_differences(saved, changed) == ["drlora.adapter_dtype was None, now 'base'"]

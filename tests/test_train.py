@@ -2,6 +2,7 @@
 companion commands, and every kind of bad input (one sentence, exit 2, nothing half-written)."""
 
 import errno
+import importlib.util
 import json
 import random
 import subprocess
@@ -15,6 +16,7 @@ from drlora.cli import main
 from drlora.recipe.config import load_config
 from drlora.recipe.run import train
 from drlora.run_eval import evaluate_model
+from drlora.signals import in_backward
 from tiny_models import WORDS, save_tiny_checkpoint, tiny_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -67,7 +69,8 @@ def test_a_run_writes_its_folder_and_the_adapter_scores_as_recorded(assets, tmp_
     metrics = train(load_config(None, overrides(assets, out)), progress=False)
     printed = capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.yaml", "adapter", "ranks.jsonl", "metrics.json", "rank_heatmap.png", "checkpoints"}
+    logs = {"logs"} if importlib.util.find_spec("tensorboard") else set()  # train.tensorboard: null = when installed
+    assert names == {"config.yaml", "adapter", "ranks.jsonl", "metrics.json", "rank_heatmap.png", "checkpoints", *logs}
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 12
     events = [json.loads(line) for line in (out / "ranks.jsonl").read_text().splitlines()]
     assert len(events) == metrics["growth_events"] > 1 and events[-1]["ranks"] == metrics["rank_map"]
@@ -126,6 +129,65 @@ def test_report_and_export_commands(assets, tmp_path, capsys):
                              str(assets / "model"), str(tmp_path / "peft")], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing_else(assets, tmp_path):
+    """train.gradient_checkpointing=true: the decoder layers really run again in the backward (their attention
+    modules, seen by a global forward hook, run inside it), and the run is the same run: loss curve, rank map and
+    ranks.jsonl."""
+    forwards = {False: 0, True: 0}  # attention forwards outside / inside the backward
+
+    def count(module, args, output):
+        if type(module).__name__.endswith("Attention"):  # inside the checkpointed layer (the layer's own hooks are not)
+            forwards[in_backward()] += 1
+
+    runs, seen = {}, {}
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        for checkpointing in (False, True):
+            forwards.update({False: 0, True: 0})
+            out = tmp_path / f"checkpointing_{checkpointing}"
+            runs[checkpointing] = train(load_config(None, overrides(
+                assets, out, "train.max_steps=8", "train.logging_steps=1", "data.eval=[]", "train.tensorboard=false",
+                f"train.gradient_checkpointing={str(checkpointing).lower()}")), progress=False)
+            seen[checkpointing] = dict(forwards)
+    finally:
+        handle.remove()
+    assert seen[False][True] == 0 < seen[False][False]
+    assert seen[True][True] == seen[True][False] == seen[False][False]  # every layer forward recomputed once
+    plain, checkpointed = runs[False], runs[True]
+    assert checkpointed["gradient_checkpointing"] and not plain["gradient_checkpointing"]
+    config = yaml.safe_load((tmp_path / "checkpointing_True" / "config.yaml").read_text())
+    assert config["train"]["gradient_checkpointing"] is True
+    curve = [loss for _, loss in plain["train_loss"]["curve"]]
+    assert len(curve) == 8 and [loss for _, loss in checkpointed["train_loss"]["curve"]] == pytest.approx(curve,
+                                                                                                          rel=1e-6)
+    assert checkpointed["rank_map"] == plain["rank_map"] and plain["growth_events"] > 1
+    ranks = [(tmp_path / f"checkpointing_{c}" / "ranks.jsonl").read_text() for c in (False, True)]
+    assert ranks[0] == ranks[1]
+
+
+def test_tensorboard_gets_the_rank_map_of_every_growth_event(assets, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["train", *overrides(assets, out, "train.max_steps=8", "train.logging_steps=4", "data.eval=[]",
+                                         "train.tensorboard=true")]) == 0
+    (events_file,) = (out / "logs").glob("events.out.tfevents.*")  # one writer: the Trainer's own
+    tb = EventAccumulator(str(events_file))
+    tb.Reload()
+    scalars = {tag: {e.step: e.value for e in tb.Scalars(tag)} for tag in tb.Tags()["scalars"]}
+    assert "train/loss" in scalars  # the Trainer's own scalars are still there
+    events = [json.loads(line) for line in (out / "ranks.jsonl").read_text().splitlines()]
+    assert len(events) > 1
+    assert scalars["drlora/ranks_grown"] == {e["step"]: sum(map(sum, e["grown"])) for e in events}
+    assert scalars["drlora/layers_below_target"] == {e["step"]: e["layers_below_target"] for e in events}
+    ranks_at = {0: [[2] * 8, [2] * 8], **{e["step"]: e["ranks"] for e in events}}  # step 0: r_init everywhere
+    for i in range(2):
+        for stat, reduce in (("mean", lambda r: sum(r) / len(r)), ("min", min), ("max", max)):
+            expected = {step: pytest.approx(reduce(ranks[i])) for step, ranks in ranks_at.items()}
+            assert scalars[f"drlora/rank_{stat}/layer{i}"] == expected, (stat, i)
 
 
 # ---- bad input: one sentence, exit 2, nothing half-written -----------------------------------------------------------

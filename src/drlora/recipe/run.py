@@ -6,6 +6,7 @@ the run folder is touched, so a refused run leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -138,11 +139,25 @@ def _close_progress_bar(trainer) -> None:
             callback.training_bar = None
 
 
+def _checkpointing_arguments(enabled: bool) -> dict:
+    """TrainingArguments' activation checkpointing keys: non-reentrant (the modern default, which needs no input
+    gradients for a frozen base). transformers 5.x renamed `gradient_checkpointing` to `activation_checkpointing`
+    (the old name warns); the name this transformers has is used."""
+    kwargs = {"use_reentrant": False} if enabled else None
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"activation_checkpointing": enabled, "activation_checkpointing_kwargs": kwargs}
+    return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
+
+
 def training_arguments(config: RunConfig, folder: RunFolder, steps: int, progress: bool) -> TrainingArguments:
     import importlib.util
 
     t = config.train
-    tensorboard = t.tensorboard if t.tensorboard is not None else importlib.util.find_spec("tensorboard") is not None
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if t.tensorboard and not installed:
+        raise ValueError("train.tensorboard=true, but tensorboard is not installed; pip install tensorboard, or set "
+                         "train.tensorboard=false.")
+    tensorboard = t.tensorboard if t.tensorboard is not None else installed
     if tensorboard:  # transformers' TensorBoard callback reads its folder from the environment
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(folder.logs)  # this run's, also when one process runs several
     return TrainingArguments(
@@ -155,7 +170,15 @@ def training_arguments(config: RunConfig, folder: RunFolder, steps: int, progres
         use_cpu=not torch.cuda.is_available(),
         bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16", remove_unused_columns=False,
         logging_nan_inf_filter=False, include_num_input_tokens_seen="non_padding", disable_tqdm=not progress,
-        dataloader_num_workers=0, train_sampling_strategy="group_by_length")  # little padding
+        dataloader_num_workers=0, train_sampling_strategy="group_by_length",  # little padding
+        **_checkpointing_arguments(t.gradient_checkpointing))
+
+
+def _tensorboard_callback(trainer):
+    """The Trainer's own TensorBoardCallback (report_to=['tensorboard']), or None."""
+    from transformers.integrations import TensorBoardCallback
+
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
 
 
 def _accounting(model) -> dict:
@@ -210,6 +233,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         callbacks[1:1] = [drlora_callback, recorder]
     trainer = DRLoRATrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
                             data_collator=LeftPadCollator(pad), processing_class=tokenizer, callbacks=callbacks)
+    if recorder is not None:  # the rank map goes through the Trainer's TensorBoard writer, not a second one
+        recorder.tensorboard = _tensorboard_callback(trainer)
     if peft:
         schedule = "vanilla PEFT LoRA, ranks fixed"
     else:
@@ -247,6 +272,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         "tokens_seen": int(timer.tokens_total), "train_tokens_per_s": round(timer.tokens / max(timer.seconds, 1e-9), 1),
         "train_loss": loss_curve(trainer.state.log_history), "eval_before": eval_before, "eval_after": eval_after,
         "eval_seconds": eval_seconds,
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),  # as the Trainer left it
         **(accounting if peft else _accounting(model)), "processes": args.world_size,
         "method_details": method_details,
         "rank_maps_checked_across_processes": recorder.processes_checked if recorder else None,

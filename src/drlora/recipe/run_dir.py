@@ -34,22 +34,29 @@ def _identity(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
 
 
-def _differences(saved: dict, ours: dict, prefix: str = "") -> list[str]:
+def _differences(saved: dict, ours: dict, defaults: dict, prefix: str = "") -> list[str]:
     found = []
     for key in sorted(set(saved) | set(ours), key=str):  # a hand-edited file may hold non-string keys
         a, b = saved.get(key), ours.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
+            found += _differences(a, b, defaults.get(key) or {}, f"{prefix}{key}.")
+        elif key not in saved and key in defaults and b == defaults[key]:
+            continue  # a key added to drlora after the run was saved, at its default: the run did not set it
         elif a != b:
             found.append(f"{prefix}{key} was {a!r}, now {b!r}")
     return found
 
 
+def _as_saved(config: RunConfig) -> dict:
+    return _identity(yaml.safe_load(to_yaml(config)))
+
+
 def config_differences(saved: dict, config: RunConfig) -> list[str]:
     """What differs between a run folder's config.yaml (`saved`) and `config`, as "key was A, now B", leaving out
-    the keys a resumption may change. `config` goes through the same YAML round trip as the saved file, so only
-    real differences count. `drlora train resume=true` and `drlora compare` both decide by it."""
-    return _differences(_identity(saved), _identity(yaml.safe_load(to_yaml(config))))
+    the keys a resumption may change and keys newer than the saved file that keep their default. `config` goes
+    through the same YAML round trip as the saved file, so only real differences count. `drlora train resume=true`
+    and `drlora compare` both decide by it."""
+    return _differences(_identity(saved), _as_saved(config), _as_saved(RunConfig()))
 
 
 def explain_os_error(err: OSError, what: str) -> str:

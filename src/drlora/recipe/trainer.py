@@ -5,9 +5,11 @@
   checkpoint counts only once a `drlora_complete` marker is written after the Trainer finished it, so a run
   killed mid-save resumes from the previous, complete one.
 * A non-finite loss, or non-finite gradients just before the optimizer step, stop training before anything can
-  write NaN into the weights or a checkpoint (`NonFiniteError`), so the last checkpoint stays good.
+  write NaN into the weights or a checkpoint (`NonFiniteError`), so the last checkpoint stays good. With several
+  processes the decision is collective (`processes_where`): a NaN on one process stops every process at the same
+  point, instead of leaving the others waiting in their next all-reduce for a process that is gone.
 * `RunRecorder` appends one line per growth event to ranks.jsonl and checks, with several processes, that every
-  process holds the same rank map after each event.
+  process holds the same rank map after each event; it also writes the rank map to the run's TensorBoard log.
 """
 
 from __future__ import annotations
@@ -27,7 +29,34 @@ COMPLETE_MARKER = "drlora_complete"
 
 
 class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN or infinite."""
+    """The loss or the gradients became NaN or infinite (on this process or another one)."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def processes_where(flag: bool, device) -> list[int]:
+    """The processes (ranks) on which `flag` holds, the same list on every process.
+
+    A collective when torch.distributed runs several processes — every process must call it at the same point —
+    costing one all-reduce (MAX) of a world-size vector. That is what lets one process's NaN stop all of them
+    together: a process that stopped alone would leave the others waiting forever in their next all-reduce.
+    Without torch.distributed it is [0] or [].
+    """
+    if not _distributed():
+        return [0] if flag else []
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+    flags[dist.get_rank()] = int(bool(flag))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.nonzero().flatten().tolist()
+
+
+def _on_processes(ranks: list[int]) -> str:
+    """'' with one process; ' on process 1 of 2' (or 'processes 0, 1 of 2') with several."""
+    if not _distributed():
+        return ""
+    return f" on process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {dist.get_world_size()}"
 
 
 def _unwrap(model):
@@ -60,22 +89,32 @@ class DRLoRATrainer(Trainer):
         restore_training_state(model, resume_from_checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step (forward and backward of one micro-batch), stopping every process when the loss of any
+        process is not finite (one flag all-reduced per micro-batch)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteError(f"the training loss became {float(loss)} at step {self.state.global_step}")
+        here = not bool(torch.isfinite(loss).all())
+        ranks = processes_where(here, loss.device)
+        if ranks:
+            value = float(loss) if here else "non-finite"
+            raise NonFiniteError(f"the training loss became {value}{_on_processes(ranks)} at step "
+                                 f"{self.state.global_step}")
         return loss
 
 
 class FiniteGradientGuard(TrainerCallback):
-    """Checks the (clipped) gradients of the trainable parameters before the optimizer consumes them."""
+    """Checks the (clipped) gradients of the trainable parameters before the optimizer consumes them, on every
+    process together (one flag all-reduced per optimizer step): DDP's all-reduce usually leaves every process the
+    same gradients, but not every setup reduces them (or all of them) before this point."""
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         norms = [p.grad.detach().abs().amax() for p in self.params if p.grad is not None]
-        if norms and not torch.isfinite(torch.stack(norms)).all():
-            raise NonFiniteError(f"the gradients became non-finite at step {state.global_step}")
+        here = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
+        ranks = processes_where(here, self.params[0].device if self.params else args.device)
+        if ranks:
+            raise NonFiniteError(f"the gradients became non-finite{_on_processes(ranks)} at step {state.global_step}")
 
 
 class CheckpointMarker(TrainerCallback):
@@ -102,10 +141,19 @@ def newest_complete_checkpoint(folder) -> Path | None:
 
 
 class RunRecorder(TrainerCallback):
-    """Writes ranks.jsonl (one line per growth event) from the DRLoRACallback's events, on the main process."""
+    """Writes ranks.jsonl (one line per growth event) from the DRLoRACallback's events, on the main process, and
+    the rank map to TensorBoard so a run's growth can be watched live.
 
-    def __init__(self, drlora_callback, path, model):
+    TensorBoard gets, at step 0 (the initial map) and at each event's step (the step ranks.jsonl records), per MoE
+    layer i (row i of the rank map) `drlora/rank_mean/layer{i}`, `drlora/rank_min/layer{i}` and
+    `drlora/rank_max/layer{i}`, and per event `drlora/ranks_grown` and `drlora/layers_below_target` (pruning:
+    `drlora/ranks_pruned` and `drlora/layers_above_target`). They go through the writer of the Trainer's own
+    TensorBoardCallback (`tensorboard`, set once the Trainer is built), so one writer owns the log folder.
+    """
+
+    def __init__(self, drlora_callback, path, model, tensorboard=None):
         self.drlora_callback, self.path, self.model = drlora_callback, Path(path), model
+        self.tensorboard = tensorboard  # transformers' TensorBoardCallback; its tb_writer exists once training began
         self.seen = 0
         self.processes_checked = 1
 
@@ -117,6 +165,8 @@ class RunRecorder(TrainerCallback):
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line)["step"] < state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
+            if state.global_step == 0:  # the curves start at r_init (a resumed run has this point already)
+                self._log_ranks(_unwrap(self.model).rank_map(), 0)
         self.seen = len(self.drlora_callback.events)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -130,6 +180,34 @@ class RunRecorder(TrainerCallback):
                         "layers_below_target": event.layers_below_target, "top_saliency": top.tolist()}
                 with self.path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
+                self._log_event(event)
+
+    def _writer(self):
+        return getattr(self.tensorboard, "tb_writer", None)
+
+    def _log_ranks(self, ranks: torch.Tensor, step: int) -> None:
+        writer = self._writer()
+        if writer is None:
+            return
+        ranks = ranks.float()
+        for i, row in enumerate(ranks):
+            writer.add_scalar(f"drlora/rank_mean/layer{i}", row.mean().item(), step)
+            writer.add_scalar(f"drlora/rank_min/layer{i}", row.min().item(), step)
+            writer.add_scalar(f"drlora/rank_max/layer{i}", row.max().item(), step)
+        writer.flush()
+
+    def _log_event(self, event) -> None:
+        writer = self._writer()
+        if writer is None:
+            return
+        total = int(event.grown.sum())
+        if _unwrap(self.model).drlora_config.allocation == "prune":  # its layers_below_target counts layers above
+            writer.add_scalar("drlora/ranks_pruned", -total, event.step)
+            writer.add_scalar("drlora/layers_above_target", event.layers_below_target, event.step)
+        else:
+            writer.add_scalar("drlora/ranks_grown", total, event.step)
+            writer.add_scalar("drlora/layers_below_target", event.layers_below_target, event.step)
+        self._log_ranks(event.ranks, event.step)
 
     def _check_processes_agree(self, ranks: torch.Tensor) -> None:
         """Every process must hold rank 0's rank map (the growth statistics are all-reduced, so they should)."""
