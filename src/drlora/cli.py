@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _build_model(args) -> int:
@@ -202,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # PEFT (0.21) asks transformers 5.x for a property it deprecated; nothing a drlora user can or should change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as err:
