@@ -9,21 +9,12 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from drlora import DRLoRACallback, get_dr_lora_model
-from tiny_models import small_config, tiny_moe, token_batch
+from tiny_models import TokenRows, small_config, tiny_moe
 
 MAX_STEPS = 24
 NUM_EXPERTS, R_INIT, R_TARGET = 8, 2, 4
 # warmup ceil(0.2 * 24) = 5; events every 4 steps up to 24 - 4 = 20
 WARMUP, EVENTS = 5, (5, 9, 13, 17)
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        ids = token_batch(seed=i, batch=1)[0]
-        return {"input_ids": ids, "labels": ids.clone()}
 
 
 class StepWatch(TrainerCallback):
@@ -49,7 +40,7 @@ def run_trainer(output_dir, base=None, resume=None, **trainer_args):
     args = TrainingArguments(output_dir=str(output_dir), max_steps=MAX_STEPS, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                              **{"save_strategy": "no", **trainer_args})
-    Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback, watch]).train(
+    Trainer(model=model, args=args, train_dataset=TokenRows(), callbacks=[callback, watch]).train(
         resume_from_checkpoint=resume)
     return model, callback, watch, start
 

@@ -27,21 +27,12 @@ def worker(rank: int, port: int, out: str) -> None:
     faulthandler.dump_traceback_later(TIMEOUT - 20, exit=True)  # a process stuck in an all-reduce shows where
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-    import torch
     import torch.distributed as dist
     from transformers import TrainerCallback, TrainingArguments
 
     from drlora import DRLoRACallback, get_dr_lora_model
     from drlora.recipe.trainer import DRLoRATrainer, FiniteGradientGuard
-    from tiny_models import small_config, tiny_moe, token_batch
-
-    class Tokens(torch.utils.data.Dataset):
-        def __len__(self):
-            return 64
-
-        def __getitem__(self, i):
-            ids = token_batch(seed=i, batch=1)[0]
-            return {"input_ids": ids, "labels": ids.clone()}
+    from tiny_models import TokenRows, small_config, tiny_moe
 
     class NaNLossOnProcess1(DRLoRATrainer):
         """Process 1's loss becomes NaN (and so its gradients) on the first micro-batch of step NAN_STEP."""
@@ -68,7 +59,7 @@ def worker(rank: int, port: int, out: str) -> None:
         args = TrainingArguments(output_dir=os.path.join(out, "trainer"), max_steps=4, per_device_train_batch_size=2,
                                  gradient_accumulation_steps=MICRO_BATCHES, learning_rate=1e-3, report_to=[],
                                  use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
-        trainer = NaNLossOnProcess1(model=model, args=args, train_dataset=Tokens(),
+        trainer = NaNLossOnProcess1(model=model, args=args, train_dataset=TokenRows(),
                                     callbacks=[InfGradientOnProcess1(scenario, model), FiniteGradientGuard(model),
                                                DRLoRACallback(model)])
         trainer.scenario = scenario

@@ -67,6 +67,17 @@ def token_batch(seed: int = 0, batch: int = 4, length: int = 16, vocab: int = 12
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
+class TokenRows(torch.utils.data.Dataset):
+    """64 rows of 16 random token ids, each its own label: a Trainer's training set for a tiny model."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = token_batch(seed=i, batch=1)[0]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
 def small_config(**overrides):
     """A DR-LoRA config sized for tiny models: ranks 2 → 4 (of 8), three growth events in 12 steps."""
     from drlora import DRLoRAConfig
