@@ -44,7 +44,8 @@ MORE_FAMILY_OVERRIDES: dict[str, dict] = {
     "nemotron_h": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32,
                        head_dim=8, hybrid_override_pattern="E*", layers_block_type=["moe", "attention"],
                        mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=1, n_group=1, topk_group=1,
-                       moe_shared_expert_intermediate_size=16),  # experts without a gate (has_gate=False)
+                       moe_shared_expert_intermediate_size=16,  # experts without a gate (has_gate=False)
+                       use_cache=False),  # transformers 5.25's NemotronH forward fails on its own empty cache
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, intermediate_size=32,
                          moe_layer_start_index=0),
     "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, moe_intermediate_size=16, intermediate_size=16, head_dim=8),

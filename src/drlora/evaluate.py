@@ -102,7 +102,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             kept = sorted({p for _, _, span in scored for p in span}) if selective else list(range(width))
             column = {p: c for c, p in enumerate(kept)}
             extra = {"logits_to_keep": torch.tensor(kept, device=device)} if selective else {}
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                           **extra).logits
             logprobs = torch.log_softmax(logits.float(), -1)
             for row, index, span in scored:
                 seq, n = sequences[index]

@@ -49,7 +49,7 @@ def measure_routing(model, sequences: list[list[int]], batch_size: int = 8, pad_
                     ids[row, :len(seq)] = torch.tensor(seq)
                     mask[row, :len(seq)] = 1
                 state["mask"] = mask
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, use_cache=False)
                 tokens += int(mask.sum())
     finally:
         for handle in handles:
