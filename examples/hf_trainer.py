@@ -7,12 +7,11 @@ the Trainer and calls `update_and_allocate` at every optimizer step (after the g
 accumulated and clipped, before the optimizer step); it prints a line per growth event.
 
 Checkpoints: a DRLoRAModel is a plain nn.Module wrapper, not a PreTrainedModel, so the Trainer's own checkpoints
-(save_strategy="steps") hold `safetensors.save_file(model.state_dict())` — the whole model (frozen base weights
-included) plus the DR-LoRA state (rank masks, routing and importance EMAs, last step), which is what
-`trainer.train(resume_from_checkpoint=...)` needs to resume the growth schedule where it stopped. DRLoRAModel's
-state_dict leaves out tied aliases (lm_head = embed_tokens), which safetensors would refuse. For a large model,
-`save_only_model=True` drops the optimizer state but still writes the base weights; `model.save_pretrained(dir)`
-writes the adapter alone.
+(save_strategy="steps") hold `safetensors.save_file(model.state_dict())` — and a DRLoRAModel's state_dict is
+drlora's state alone (LoRA factors, trained routers, rank masks, routing and importance EMAs, last step; no frozen
+base weight), which is what `trainer.train(resume_from_checkpoint=...)` needs to resume the growth schedule where it
+stopped. DRLoRACallback also writes the adapter (`save_pretrained`) into every checkpoint folder and into
+output_dir when training ends, so each loads with `load_dr_lora_model(base, folder)`.
 """
 
 import logging
@@ -93,8 +92,8 @@ def main(output_dir: str = "runs/hf_trainer_example") -> None:
     print(f"Trainer checkpoint {checkpoint}: {len(saved)} tensors, {len(masks)} rank masks "
           f"({'equal to' if same else 'DIFFERENT from'} the trained model's), last_step {int(saved['last_step'])}")
 
-    model.save_pretrained(os.path.join(output_dir, "adapter"))
-    print(f"adapter written to {output_dir}/adapter")
+    print(f"adapter written to {output_dir} by DRLoRACallback at the end of training "
+          f"({', '.join(sorted(f for f in os.listdir(output_dir) if f.startswith('adapter')))})")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_a_drlora_wrapper_generates_through_its_base_model_and_keeps_its_modes()
     drlora = get_dr_lora_model(generation_model(), small_config())
     train(drlora, steps=2, lr=0.05)
     drlora.train()
-    drlora.base_model.lm_head.eval()  # a mixed state, which must come back module by module
+    drlora.get_base_model().lm_head.eval()  # a mixed state, which must come back module by module
     modes = {name: module.training for name, module in drlora.named_modules()}
     rows = [{"prompt": p, "completion": ""} for p in PROMPTS[:6]]
     predictions = generate_predictions(drlora, tok, [r["prompt"] for r in rows], batch_size=3, max_new_tokens=5,
@@ -146,7 +146,7 @@ def test_a_drlora_wrapper_generates_through_its_base_model_and_keeps_its_modes()
     drlora.eval()
     assert predictions == [reference_generation(drlora, tok, r["prompt"], 5)[0] for r in rows]
     drlora.train()
-    drlora.base_model.lm_head.eval()
+    drlora.get_base_model().lm_head.eval()
     evaluate_generation(drlora, tok, rows, max_new_tokens=5, progress=False)
     evaluate_multiple_choice(drlora, tok, [{"prompt": "a", "choices": [" b", " c"], "label": 0}], progress=False)
     assert {name: module.training for name, module in drlora.named_modules()} == modes

@@ -116,7 +116,7 @@ def test_routing_counted_once_per_training_forward_not_in_eval_or_recompute(reen
     assert plain == [float(x.numel())] * 2
     for a in model.adapters:
         a.frequency.step_tokens.zero_()
-    model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     model(x, labels=x).loss.backward()
     assert _step_tokens(model) == plain
@@ -273,7 +273,7 @@ def test_activation_checkpointing_recomputes_the_same_dropout_and_gradients(reen
         return result
 
     plain = grads()
-    model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:

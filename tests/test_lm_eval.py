@@ -83,7 +83,7 @@ def test_a_drlora_wrapper_is_scored_with_its_adapter_and_left_as_it_was(monkeypa
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
     without_adapter = loglikelihoods(tiny_moe("olmoe"), tok, pairs, progress=False)
     assert max(abs(a - b) for a, b in zip(without_adapter, theirs)) > 1e-3  # so lm-eval computed with the adapter
-    assert drlora.training and drlora.base_model.training  # HFLM's model.eval() is undone
+    assert drlora.training and drlora.get_base_model().training  # HFLM's model.eval() is undone
     assert tok.pad_token is None  # HFLM pads a copy of the tokenizer, not the caller's
 
 

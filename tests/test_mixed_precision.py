@@ -86,7 +86,7 @@ def logits(model, x):
 def test_base_model_state_dict_keeps_its_keys_and_dtypes_while_the_wrapper_holds_float32_masters():
     fresh = tiny_moe("qwen3_moe", dtype=torch.bfloat16).state_dict()
     model = trained_bf16()
-    base_state = model.base_model.state_dict()  # the base's keys, plus the adapters' (under experts.dr_lora)
+    base_state = model.get_base_model().state_dict()  # the base's keys, plus the adapters' (under experts.dr_lora)
     assert {k: base_state[k].dtype for k in fresh} == {k: v.dtype for k, v in fresh.items()}
     assert all(".dr_lora." in k for k in base_state.keys() - fresh.keys())
     router = model.moe_layers[0].router_name

@@ -74,6 +74,21 @@ def test_routing_frequency_counts_real_tokens_only(family):
     assert_same_sums(padded, alone)  # counting the pads changed f by ~37 % (relative) on a Qwen3-MoE
 
 
+def test_a_loop_that_calls_the_backbone_directly_counts_real_tokens_too():
+    """TRL's fused LM-head loss calls `model.base_model` (the backbone) and never the wrapper's forward."""
+    model = model_with_live_lora()
+    batch = left_padded(rows(), extra=8)
+    with torch.no_grad():
+        model(**batch)
+    through_wrapper = step_sums(model)
+    for a in model.adapters:
+        a.frequency.clear_step()
+    with torch.no_grad():
+        model.base_model(**batch)
+    assert_same_sums(step_sums(model), through_wrapper)
+    assert through_wrapper[1] == [float(sum(LENGTHS))] * len(model.adapters)
+
+
 def test_static_frequency_baseline_and_dr_lora_measure_the_same_routing_frequency():
     base = tiny_moe("qwen2_moe")
     sequences = rows()
@@ -94,7 +109,7 @@ def test_statistics_are_the_same_with_activation_checkpointing(reentrant):
     plain = step_sums(model)
     assert all(s.abs().sum() > 0 for s in plain[2])  # the importance is live, so the comparison is not vacuous
     model = model_with_live_lora()
-    model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     summed_loss(model, batch, 1.0).backward()
     assert_same_sums(step_sums(model), plain)
 

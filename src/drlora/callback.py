@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger("drlora")
 
@@ -15,10 +17,17 @@ class DRLoRACallback(TrainerCallback):
     `total_steps` comes from the Trainer (`state.max_steps`) unless the config fixes it; the update runs in
     `on_pre_optimizer_step`, i.e. after the gradients of the step are accumulated (and clipped) and before the
     optimizer consumes them — the same point as the plain loop.
+
+    Saving (`save_adapter`, on by default): the Trainer checkpoints a DRLoRAModel as `model.safetensors` holding
+    drlora's state (`DRLoRAModel.state_dict`), which resumes exactly but is not an adapter folder. So the callback
+    also writes the adapter (`save_pretrained`: adapter_config.json, adapter_model.safetensors) into every
+    checkpoint folder and, when training ends, into `args.output_dir` — where `trainer.save_model()` writes by
+    default — so each of them loads with `load_dr_lora_model(base, folder)`.
     """
 
-    def __init__(self, model=None):
+    def __init__(self, model=None, save_adapter: bool = True):
         self.model = model
+        self.save_adapter = save_adapter
         self.events = []
 
     def _drlora(self, kwargs):
@@ -45,3 +54,12 @@ class DRLoRACallback(TrainerCallback):
             self.events.append(event)
             if state.is_world_process_zero:
                 print(event.summary(), flush=True)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.save_adapter and args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._drlora(kwargs).save_pretrained(folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.save_adapter and args.should_save:
+            self._drlora(kwargs).save_pretrained(args.output_dir)

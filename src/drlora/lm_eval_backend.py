@@ -101,17 +101,17 @@ def write_task(rows: list[dict], folder, name: str, max_new_tokens: int = 32,
 
 
 def _pretrained(model):
-    """The transformers model HFLM can take: `model` itself, or the base model of a wrapper such as DRLoRAModel
-    (which patches its base model in place, so the base model already computes with the adapter)."""
+    """The transformers model HFLM can take: `model` itself, or the adapted model of a wrapper such as DRLoRAModel
+    or PeftModel, `get_base_model()` (patched in place, so it already computes with the adapter)."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
         return model
-    base = getattr(model, "base_model", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else None
     if isinstance(base, PreTrainedModel):
         return base
     raise TypeError(f"the lm-eval backend needs a transformers PreTrainedModel (or a wrapper with one as "
-                    f".base_model); got {type(model).__name__}.")
+                    f".get_base_model()); got {type(model).__name__}.")
 
 
 @contextmanager

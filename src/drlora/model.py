@@ -41,12 +41,13 @@ class DRLoRAModel(nn.Module):
     """A transformers MoE with DR-LoRA on its routed experts. Call it like the base model.
 
     Use `get_dr_lora_model` to build one. Once per optimizer step — after backward, before `optimizer.step()` —
-    call `update_and_allocate(global_step)`.
+    call `update_and_allocate(global_step)` (DRLoRACallback does it inside a Trainer). The adapted transformers model
+    is `get_base_model()` (PEFT's name); `base_model` is its backbone, as on a transformers model.
     """
 
     def __init__(self, model: nn.Module, config: DRLoRAConfig):
         super().__init__()
-        self.base_model = model
+        self.base_model = model  # registered as a submodule (state_dict keys "base_model.…"); see the property
         self.drlora_config = config
         self._merged = False  # merge_and_unload() folds the adapters into the base model and removes them
         self.moe_layers: list[MoELayer] = find_moe_layers(model)
@@ -59,8 +60,9 @@ class DRLoRAModel(nn.Module):
         self._extra_handles = self._inject_extra_modules()
         self._router_masters: list[RouterMaster] = []
         self._router_params = self._setup_routers()
-        self._batch_hooks = [model.register_forward_pre_hook(self._batch.capture, with_kwargs=True),
-                             model.register_forward_hook(self._batch.release, always_call=True)]
+        backbone = self.base_model  # every forward runs it, also TRL's, which skips the LM head and this wrapper
+        self._batch_hooks = [backbone.register_forward_pre_hook(self._batch.capture, with_kwargs=True),
+                             backbone.register_forward_hook(self._batch.release, always_call=True)]
         self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
         self._schedule: GrowthSchedule | None = config.schedule() if config.total_steps is not None else None
 
@@ -97,7 +99,7 @@ class DRLoRAModel(nn.Module):
         handles = []
         expert_names = tuple(layer.name for layer in self.moe_layers)
         for pattern in cfg.extra_target_modules:
-            matched = [(n, m) for n, m in self.base_model.named_modules()
+            matched = [(n, m) for n, m in self.get_base_model().named_modules()
                        if (n == pattern or n.endswith("." + pattern)) and not n.startswith(expert_names)]
             if not matched:
                 raise ValueError(f"extra_target_modules entry {pattern!r} matches no module of this model.")
@@ -144,44 +146,62 @@ class DRLoRAModel(nn.Module):
         named = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                      use_cache=use_cache, logits_to_keep=logits_to_keep)
-        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+        return self.get_base_model()(**{k: v for k, v in named.items() if v is not None}, **kwargs)
 
-    def _tied_aliases(self) -> set[str]:
-        """State-dict names that repeat an earlier tensor (tied weights such as lm_head = embed_tokens)."""
-        seen, aliases = set(), set()
-        for name, tensor in super().state_dict(keep_vars=True).items():
-            if id(tensor) in seen:
-                aliases.add(name)
-            seen.add(id(tensor))
-        return aliases
+    def _own_state_names(self) -> set[str]:
+        """The state_dict names of what a DRLoRAModel adds to its base model: the LoRA factors, drlora's buffers
+        (rank masks, statistics, the step counter) and whatever else it trains (the routers)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad or ".dr_lora." in n}
+        names |= {n for n, _ in self.named_buffers() if ".dr_lora." in n or n == "last_step"}
+        return names
 
     def state_dict(self, *args, **kwargs):
-        """Without the aliases of tied weights: the HF Trainer saves a model that is not a PreTrainedModel with
-        safetensors, which refuses shared tensors; loading restores them through the tie. Trained routers appear as
-        their float32 masters (the base model's own state_dict has them in its dtype), so a checkpoint resumes
-        exactly."""
+        """drlora's state only: the LoRA factors, rank masks, statistics, step counter and trained routers.
+
+        Why not the frozen base weights: they come from the base checkpoint, and a Trainer saves a model that is not
+        a PreTrainedModel as `save_file(model.state_dict())` at every checkpoint — the whole MoE each time (tens of
+        GB) where a PeftModel writes its adapter. With drlora's state alone, a Trainer / TRL / accelerate
+        checkpoint is adapter-sized and resumes exactly (`load_state_dict` with strict=False, as the Trainer
+        calls it; torch's distributed checkpoint calls this `ignore_frozen_params`). Trained routers appear as
+        their float32 masters. `get_base_model().state_dict()` is the whole adapted model's."""
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         with masters_in_state_dict():
             state = super().state_dict(*args, **kwargs)
-        for name in self._tied_aliases():
-            state.pop(name, None)
+        own = self._own_state_names()
+        for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in own]:
+            del state[key]
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load drlora's state (see `state_dict`); strict checks that all of it is there. A state with base weights
+        too (a checkpoint of drlora < 0.3) loads them as well."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        aliases = self._tied_aliases()
-        missing = [k for k in result.missing_keys if k not in aliases]
+        missing = [k for k in result.missing_keys if k in self._own_state_names()]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"error loading the DRLoRAModel state: missing keys {missing[:5]}, unexpected keys "
                                f"{result.unexpected_keys[:5]}.")
         return type(result)(missing, result.unexpected_keys)
 
     def __getattr__(self, name: str):
+        """Anything else is the adapted model's (config, generate, get_output_embeddings, _no_split_modules, ...)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "_modules":  # not set up yet (unpickling): nothing to forward to
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model drlora adapts (a causal LM), with the adapters inside its experts modules."""
+        return self._modules["base_model"]
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The adapted model's backbone: the decoder without the LM head, as `base_model` means on any transformers
+        model. TRL's SFTTrainer calls it to get hidden states for its fused LM-head loss. (The registered submodule
+        of this name, and so the state_dict prefix "base_model.", is the whole model: `get_base_model()`.)"""
+        model = self.get_base_model()
+        return getattr(model, "base_model", model)
 
     # ---- views --------------------------------------------------------------------------------------------------
     @property

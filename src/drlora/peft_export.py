@@ -75,7 +75,7 @@ def _lora_config(model, rank: int) -> LoraConfig:
 
 def _skeleton(model, lora_config: LoraConfig):
     """The PEFT model on the meta device, to learn PEFT's module names and key layout without allocating."""
-    base = model.base_model
+    base = model.get_base_model()
     with torch.device("meta"):
         fresh = type(base)(base.config)
     return get_peft_model(fresh, lora_config)

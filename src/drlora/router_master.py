@@ -5,8 +5,8 @@ entries, so a bf16 router barely trains (31 % of a tiny Qwen3-MoE's router entri
 parameters are upcast to float32 in place — the same Parameter objects under the same names, so the optimizer, DDP,
 ZeRO-1/2 and gradient clipping see ordinary parameters — and every forward computes with a copy cast back to the
 original dtype, as a mixed-precision optimizer's model copy would. The router therefore computes exactly what the
-base family computes with bf16 weights, and a merged model, a PEFT export and `base_model.save_pretrained` (whose
-state_dict this module casts back to the original dtype) reproduce the trained model. `DRLoRAModel.state_dict()`
+base family computes with bf16 weights, and a merged model, a PEFT export and `get_base_model().save_pretrained`
+(whose state_dict this module casts back to the original dtype) reproduce the trained model. `DRLoRAModel.state_dict()`
 keeps the float32 masters (`masters_in_state_dict`), so a Trainer checkpoint resumes exactly.
 """
 

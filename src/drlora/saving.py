@@ -56,7 +56,7 @@ def _training_state(model) -> dict[str, torch.Tensor]:
 
 
 def base_identity(model) -> dict:
-    config = getattr(model.base_model, "config", None)
+    config = getattr(model.get_base_model(), "config", None)
     return {"model_type": model.family, "name_or_path": getattr(config, "_name_or_path", None),
             "architectures": getattr(config, "architectures", None),
             "moe_layers": [layer.shape_signature() for layer in model.moe_layers]}
@@ -223,4 +223,4 @@ def merge_and_unload(drlora) -> nn.Module:
         del module.dr_lora
     drlora._extra_handles = []
     drlora._merged = True
-    return drlora.base_model
+    return drlora.get_base_model()

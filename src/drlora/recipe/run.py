@@ -228,7 +228,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     timer, recorder = _Timer(), None
     callbacks = [FiniteGradientGuard(model), CheckpointMarker(), timer]
     if not peft:
-        drlora_callback = DRLoRACallback(model)
+        drlora_callback = DRLoRACallback(model, save_adapter=False)  # DRLoRATrainer writes the adapter itself
         recorder = RunRecorder(drlora_callback, folder.ranks_file, model)
         callbacks[1:1] = [drlora_callback, recorder]
     trainer = DRLoRATrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
