@@ -91,7 +91,7 @@ def test_base_model_state_dict_keeps_its_keys_and_dtypes_while_the_wrapper_holds
     assert all(".dr_lora." in k for k in base_state.keys() - fresh.keys())
     router = model.moe_layers[0].router_name
     # the wrapper's state_dict, which a Trainer checkpoint holds, keeps the master: resuming is exact
-    assert model.state_dict()[f"base_model.{router}.weight"].dtype == torch.float32
+    assert model.state_dict()[f"model.{router}.weight"].dtype == torch.float32
     assert torch.equal(base_state[f"{router}.weight"], model.moe_layers[0].router.weight.to(torch.bfloat16))
 
 

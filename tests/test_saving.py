@@ -139,3 +139,18 @@ def test_training_state_of_drlora_0_1_with_two_importance_buffers_still_loads():
             legacy[name] = value
     model.load_state_dict(legacy)
     assert all(bool((lora.importance.ema == 1.0).all()) for lora in model.expert_loras())
+
+
+def test_torchs_distributed_checkpoint_resolves_and_restores_the_drlora_state():
+    """get/set_model_state_dict (what FSDP2 and accelerate checkpoint with) find each state_dict name by following
+    attributes: the names must lead to the tensors they name, and the state must restore the adapted model."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = trained("qwen2_moe", steps=8)
+    x = token_batch()
+    state = get_model_state_dict(model)
+    assert state.keys() == model.state_dict().keys() and "last_step" in state
+    fresh = get_dr_lora_model(tiny_moe("qwen2_moe"), small_config())
+    set_model_state_dict(fresh, state)
+    assert torch.equal(fresh.rank_map(), model.rank_map())
+    assert torch.equal(logits(fresh, x), logits(model, x))

@@ -101,7 +101,7 @@ def test_base_model_is_the_backbone_and_get_base_model_the_adapted_model():
     base = tiny_moe("qwen3_moe")
     model = get_dr_lora_model(base, small_config())
     assert model.get_base_model() is base and model.base_model is base.model
-    assert next(iter(model.state_dict())).startswith(("base_model.", "last_step"))
+    assert next(iter(model.state_dict())).startswith(("model.", "last_step"))
     x = token_batch()
     with torch.no_grad():
         hidden = model.base_model(input_ids=x).last_hidden_state

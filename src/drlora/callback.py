@@ -8,6 +8,8 @@ import os
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .sharding import any_sharded
+
 logger = logging.getLogger("drlora")
 
 
@@ -56,10 +58,14 @@ class DRLoRACallback(TrainerCallback):
                 print(event.summary(), flush=True)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.save_adapter and args.should_save:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            self._drlora(kwargs).save_pretrained(folder)
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._save(args, kwargs, folder)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.save_adapter and args.should_save:
-            self._drlora(kwargs).save_pretrained(args.output_dir)
+        self._save(args, kwargs, args.output_dir)
+
+    def _save(self, args, kwargs, folder) -> None:
+        """The main process writes; a model sharded by FSDP2 is saved by every process (save_pretrained gathers)."""
+        model = self._drlora(kwargs)
+        if self.save_adapter and (args.should_save or any_sharded(model.parameters())):
+            model.save_pretrained(folder)

@@ -69,8 +69,8 @@ class DRLoRAConfig:
         "them as float32 master weights whatever the base dtype, as PEFT's autocast_adapter_dtype does, because in a "
         "bf16 model an AdamW update at lr 2e-5 is below half a bf16 step and most entries would never move; 'base' "
         "stores them in the base weights' dtype (half the adapter's memory in bf16), which only trains right with an "
-        "optimizer that keeps its own float32 masters (DeepSpeed, FSDP mixed precision) or a large learning rate. "
-        "Either way the matmuls run in the base weights' dtype.", "float32")
+        "optimizer that keeps its own float32 masters (DeepSpeed's bf16 mode; FSDP2 keeps none) or a large learning "
+        "rate. Either way the matmuls run in the base weights' dtype.", "float32")
     seed: int = _help("Seed of the LoRA initialisation (identical on every process).", 0)
 
     def __post_init__(self) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grouped import RoutedRows, combine, dispatch, grouped_linear, grouped_mm, grouped_outer, route, sort_weights
+from .sharding import local_rows
 from .signals import RankImportance, RoutingFrequency, in_backward, real_tokens
 
 
@@ -184,9 +185,11 @@ class ExpertLoRA(nn.Module):
         new = (slot >= ranks[:, None]) & (slot < grown[:, None])  # [E, r_max]
         if not bool(new.any()):
             return
-        initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed).to(self.lora_A)
-        self.lora_A[new] = initial[new]
-        self.lora_B.masked_fill_(new[:, None, :], 0)
+        initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed)
+        rows, lora_a = local_rows(self.lora_A)  # under FSDP2, the experts this process holds (sharding.py)
+        lora_a[new[rows]] = initial[rows].to(lora_a)[new[rows]]
+        rows, lora_b = local_rows(self.lora_B)
+        lora_b.masked_fill_(new[rows][:, None, :], 0)
         self.rank_mask |= new
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from .config import DRLoRAConfig
 from .layer import BatchTokens, ExpertLoRA, ExpertsAdapter, LinearLoRA, dr_lora_experts_forward
 from .layout import MoELayer, family_of, find_moe_layers
 from .router_master import RouterMaster, attach_router_master, masters_in_state_dict
+from .sharding import any_sharded
 from .signals import all_reduce_step_sums
 
 logger = logging.getLogger("drlora")
@@ -47,7 +48,7 @@ class DRLoRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: DRLoRAConfig):
         super().__init__()
-        self.base_model = model  # registered as a submodule (state_dict keys "base_model.…"); see the property
+        self.model = model  # state_dict keys "model.…", as PEFT's LoraModel holds it; `base_model` is the backbone
         self.drlora_config = config
         self._merged = False  # merge_and_unload() folds the adapters into the base model and removes them
         self.moe_layers: list[MoELayer] = find_moe_layers(model)
@@ -59,7 +60,7 @@ class DRLoRAModel(nn.Module):
         self._inject_experts()
         self._extra_handles = self._inject_extra_modules()
         self._router_masters: list[RouterMaster] = []
-        self._router_params = self._setup_routers()
+        self._setup_routers()
         backbone = self.base_model  # every forward runs it, also TRL's, which skips the LM head and this wrapper
         self._batch_hooks = [backbone.register_forward_pre_hook(self._batch.capture, with_kwargs=True),
                              backbone.register_forward_hook(self._batch.release, always_call=True)]
@@ -116,12 +117,11 @@ class DRLoRAModel(nn.Module):
                 handles.append((name, module, module.register_forward_hook(LinearLoRA.hook)))
         return handles
 
-    def _setup_routers(self) -> list[nn.Parameter]:
+    def _setup_routers(self) -> None:
         """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup. In a
         bf16/fp16 model they train as float32 masters (router_master.py), unless adapter_dtype='base'."""
-        params = []
         if not self.drlora_config.train_router:
-            return params
+            return
         for layer in self.moe_layers:
             if layer.router is None:
                 raise ValueError(f"train_router=True but no router was found beside {layer.name}; set "
@@ -132,8 +132,12 @@ class DRLoRAModel(nn.Module):
             for param in layer.router.parameters():
                 param.requires_grad_(True)
                 param.register_hook(self._gate_router_grad)
-                params.append(param)
-        return params
+
+    def _router_params(self) -> list[nn.Parameter]:
+        """The trained routers' parameters, looked up each time: FSDP2's fully_shard replaces every parameter."""
+        if not self.drlora_config.train_router:
+            return []
+        return [param for layer in self.moe_layers for param in layer.router.parameters()]
 
     def _gate_router_grad(self, grad: torch.Tensor):
         return None if self.router_trainable else torch.zeros_like(grad)
@@ -193,13 +197,14 @@ class DRLoRAModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The transformers model drlora adapts (a causal LM), with the adapters inside its experts modules."""
-        return self._modules["base_model"]
+        return self._modules["model"]
 
     @property
     def base_model(self) -> nn.Module:
         """The adapted model's backbone: the decoder without the LM head, as `base_model` means on any transformers
-        model. TRL's SFTTrainer calls it to get hidden states for its fused LM-head loss. (The registered submodule
-        of this name, and so the state_dict prefix "base_model.", is the whole model: `get_base_model()`.)"""
+        model. TRL's SFTTrainer calls it to get hidden states for its fused LM-head loss. Not a registered name:
+        state_dict names follow attributes (torch's distributed checkpoint resolves them that way), and the whole
+        model is registered as `model`."""
         model = self.get_base_model()
         return getattr(model, "base_model", model)
 
@@ -279,7 +284,7 @@ class DRLoRAModel(nn.Module):
         for imp in importances:
             imp.update(cfg.beta_g)
         if not schedule.router_trainable(global_step):
-            for param in self._router_params:
+            for param in self._router_params():
                 param.grad = None  # the optimizer skips it: no update, no weight decay
         event = None
         if schedule.is_event(global_step):
@@ -362,12 +367,20 @@ class DRLoRAModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         from .saving import merge_and_unload
 
+        self._refuse_sharded("merge_and_unload")
         return merge_and_unload(self)
 
     def export_peft(self, save_directory) -> None:
         from .peft_export import export_peft
 
+        self._refuse_sharded("export_peft")
         export_peft(self, save_directory)
+
+    def _refuse_sharded(self, what: str) -> None:
+        if any_sharded(self.parameters()):
+            raise RuntimeError(f"{what} needs the whole model, and this one is sharded (FSDP2): call save_pretrained "
+                               f"on every process (it gathers the adapter), then load it with load_dr_lora_model onto "
+                               f"an unsharded base in one process and call {what} there.")
 
 
 def _check_rank(key: str, rank: int, what: str, in_features: int, out_features: int) -> None:

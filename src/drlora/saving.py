@@ -19,6 +19,7 @@ from torch import nn
 from . import __version__
 from .config import DRLoRAConfig
 from .fileio import atomic_write
+from .sharding import any_sharded, whole
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -26,32 +27,33 @@ STATE_NAME = "training_state.safetensors"
 
 
 def _adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The packed active ranks, extra-module LoRA and trained routers, on the CPU (sharded tensors gathered)."""
     tensors = {}
     for layer, adapter in zip(model.moe_layers, model.adapters):
         for proj, lora in adapter.projections.items():
             key = f"{layer.name}.{proj}"
             mask = lora.rank_mask  # the active slots, wherever they are (pruning leaves gaps); loading packs them low
-            tensors[f"{key}.lora_A"] = torch.cat([lora.lora_A[e][mask[e]] for e in range(lora.num_experts)]).contiguous()
-            tensors[f"{key}.lora_B"] = torch.cat([lora.lora_B[e][:, mask[e]] for e in range(lora.num_experts)],
-                                                 1).contiguous()
+            lora_a, lora_b = whole(lora.lora_A.detach()), whole(lora.lora_B.detach())
+            tensors[f"{key}.lora_A"] = torch.cat([lora_a[e][mask[e]] for e in range(lora.num_experts)])
+            tensors[f"{key}.lora_B"] = torch.cat([lora_b[e][:, mask[e]] for e in range(lora.num_experts)], 1)
     for name, module, _ in model._extra_handles:
-        tensors[f"{name}.lora_A"] = module.dr_lora.lora_A.contiguous()
-        tensors[f"{name}.lora_B"] = module.dr_lora.lora_B.contiguous()
+        tensors[f"{name}.lora_A"] = whole(module.dr_lora.lora_A.detach())
+        tensors[f"{name}.lora_B"] = whole(module.dr_lora.lora_B.detach())
     if model.drlora_config.train_router:
         for layer in model.moe_layers:
             for pname, param in layer.router.named_parameters():
-                tensors[f"{layer.router_name}.{pname}"] = param.contiguous()
-    return {k: v.detach().cpu() for k, v in tensors.items()}
+                tensors[f"{layer.router_name}.{pname}"] = whole(param.detach())
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
 
 
 def _training_state(model) -> dict[str, torch.Tensor]:
+    """Every DR-LoRA tensor at full r_max, the masks, the EMAs and the last step (sharded tensors gathered)."""
     state = {"last_step": model.last_step.detach().cpu().reshape(1)}
-    for layer, adapter in zip(model.moe_layers, model.adapters):
-        for key, value in adapter.state_dict().items():
-            state[f"{layer.name}.dr_lora.{key}"] = value.detach().cpu().contiguous()
-    for name, module, _ in model._extra_handles:
-        for key, value in module.dr_lora.state_dict().items():
-            state[f"{name}.dr_lora.{key}"] = value.detach().cpu().contiguous()
+    modules = [(f"{layer.name}.dr_lora", adapter) for layer, adapter in zip(model.moe_layers, model.adapters)]
+    modules += [(f"{name}.dr_lora", module.dr_lora) for name, module, _ in model._extra_handles]
+    for prefix, module in modules:
+        for key, value in module.state_dict(keep_vars=True).items():
+            state[f"{prefix}.{key}"] = whole(value.detach()).cpu().contiguous()
     return state
 
 
@@ -74,6 +76,12 @@ def saved_dtypes(model) -> dict:
 
 
 def save_adapter(model, save_directory, include_training_state: bool = False) -> None:
+    """Write the adapter (and the training state). A model sharded by FSDP2 is gathered: every process must call
+    this, and the first process writes the same files a 1-process run writes."""
+    tensors = _adapter_tensors(model)  # gathers sharded factors (a collective) before any process may return
+    state = _training_state(model) if include_training_state else None
+    if any_sharded(model.parameters()) and torch.distributed.get_rank() != 0:
+        return
     directory = Path(save_directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -83,9 +91,9 @@ def save_adapter(model, save_directory, include_training_state: bool = False) ->
             "config": model.drlora_config.to_dict(), "rank_map": model.rank_map().tolist(),
             "base_model": base_identity(model), "router_trained": model.drlora_config.train_router,
             "extra_modules": [name for name, _, _ in model._extra_handles], "dtypes": saved_dtypes(model)}
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(_adapter_tensors(model), p, metadata={"format": "pt"}))
-    if include_training_state:
-        atomic_write(directory / STATE_NAME, lambda p: save_file(_training_state(model), p, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    if state is not None:
+        atomic_write(directory / STATE_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
@@ -130,6 +138,10 @@ def restore_training_state(drlora, save_directory) -> None:
     """Load a resumable checkpoint (`save_pretrained(dir, include_training_state=True)`) into an existing
     DRLoRAModel: every r_max rank, the masks, the EMAs of both growth signals, the last step and the routers — all a
     resumed training run needs to make the same decisions as an uninterrupted one."""
+    if any_sharded(drlora.parameters()):
+        raise RuntimeError("restore_training_state writes whole tensors, and this model is sharded (FSDP2): restore "
+                           "before fully_shard, or resume through torch.distributed.checkpoint (state_dict is drlora's "
+                           "state only).")
     meta = read_adapter_config(save_directory)
     _check_base(drlora, meta["base_model"], save_directory)
     state_path = Path(save_directory) / STATE_NAME

@@ -126,9 +126,10 @@ def _refuse_sharded_parameters() -> None:
     if stage is None and config_file and Path(config_file).is_file():
         stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage"))
     if PartialState().distributed_type == DistributedType.FSDP or stage == "3":
-        raise ValueError("drlora train supports DDP and DeepSpeed ZeRO-1/2; FSDP and ZeRO-3 shard the parameters, "
-                         "which drlora's growth and checkpoints do not gather yet — use "
-                         "configs/accelerate/ddp.yaml or deepspeed_zero2.yaml.")
+        raise ValueError("drlora train supports DDP and DeepSpeed ZeRO-1/2, not yet FSDP or ZeRO-3 (its resumable "
+                         "checkpoints and evaluation read whole tensors) — use configs/accelerate/ddp.yaml or "
+                         "deepspeed_zero2.yaml; in a training loop of your own, the Python API runs under FSDP2's "
+                         "fully_shard (README, 'Sharded with FSDP2').")
 
 
 def _close_progress_bar(trainer) -> None:
