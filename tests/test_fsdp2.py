@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`, 2 gloo processes on CPU): DR-LoRA trains and grows with its factors sharded along the expert
-dimension, both processes make the same decisions, the result is a 1-process run of the same global batch, and the
-adapter saved from the sharded model (every process gathers, the first writes) loads and exports like any other.
+dimension, both processes make the same decisions, the result is a 1-process run of the same global batch, the
+adapter saved from the sharded model (every process gathers, the first writes) loads and exports like any other, and
+a run killed and resumed from torch's distributed checkpoint ends where the uninterrupted one does.
 
 The loop is the plain one a user with their own FSDP2 script writes: forward, backward, update_and_allocate,
 optimizer step. One spawn serves the file (starting processes and importing transformers is most of the cost).
@@ -31,11 +32,15 @@ def global_batch(step):
     return torch.randint(0, 128, (ROWS, 16), generator=torch.Generator().manual_seed(100 + step))
 
 
-def train(model, rank=0, world=1):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+def optimizer_of(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def train(model, rank=0, world=1, steps=range(STEPS), optimizer=None):
+    optimizer = optimizer or optimizer_of(model)
     events = []
     model.train()
-    for step in range(STEPS):
+    for step in steps:
         rows = ROWS // world
         x = global_batch(step)[rank * rows:(rank + 1) * rows]
         model(x, labels=x).loss.backward()
@@ -51,19 +56,46 @@ def trained_factors(model):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _worker(rank, store, out):
+def sharded_model():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    model = get_dr_lora_model(base(), small_config(**CONFIG))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def resumed_after_a_kill(rank, folder):
+    """Steps 0-3, a sharded checkpoint with torch's distributed checkpoint (model: drlora's state only; optimizer),
+    then a new process state — a fresh model, sharded, the checkpoint loaded — for steps 4-7."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    cut = sharded_model()
+    optimizer = optimizer_of(cut)
+    train(cut, rank, WORLD, range(4), optimizer)
+    dcp.save({"model": get_model_state_dict(cut), "optim": get_optimizer_state_dict(cut, optimizer)},
+             checkpoint_id=folder)
+    del cut, optimizer
+    model = sharded_model()
+    optimizer = optimizer_of(model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    events = train(model, rank, WORLD, range(4, STEPS), optimizer)
+    return model, events
+
+
+def _worker(rank, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        model = get_dr_lora_model(base(), small_config(**CONFIG))
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model.get_base_model().model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded_model()
         lora_a = model.expert_loras()[0].lora_A
         placement = (str(lora_a.placements), tuple(lora_a.to_local().shape))
         events = train(model, rank, WORLD)
@@ -76,8 +108,13 @@ def _worker(rank, store, out):
         model.eval()
         with torch.no_grad():
             logits = model(global_batch(99)).logits
+        resumed, resumed_events = resumed_after_a_kill(rank, os.path.join(out, "dcp"))
+        after_resume = trained_factors(resumed)
+        same = {name: torch.equal(value, after_resume[name]) for name, value in trained_factors(model).items()}
+        same["buffers"] = all(torch.equal(a, b) for a, b in zip(model.buffers(), resumed.buffers(), strict=True))
         torch.save({"events": events, "ranks": model.rank_map(), "factors": trained_factors(model),
-                    "logits": logits, "placement": placement, "refusal": refusal},
+                    "logits": logits, "placement": placement, "refusal": refusal,
+                    "resumed": {"events": resumed_events, "ranks": resumed.rank_map(), "same": same}},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -133,3 +170,12 @@ def test_adapter_saved_from_the_sharded_model_loads_and_exports(sharded, tmp_pat
     exported = peft.PeftModel.from_pretrained(base(), tmp_path / "peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, first["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_and_resumed_from_a_distributed_checkpoint_ends_bit_identical(sharded):
+    _, results = sharded
+    for result in results:  # each process's shards
+        assert result["resumed"]["events"] == [5]  # the events at 1 and 3 came with the checkpoint's masks
+        assert torch.equal(result["resumed"]["ranks"], result["ranks"])
+        assert all(result["resumed"]["same"].values()), result["resumed"]["same"]
