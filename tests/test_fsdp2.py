@@ -179,3 +179,20 @@ def test_a_sharded_run_killed_and_resumed_from_a_distributed_checkpoint_ends_bit
         assert result["resumed"]["events"] == [5]  # the events at 1 and 3 came with the checkpoint's masks
         assert torch.equal(result["resumed"]["ranks"], result["ranks"])
         assert all(result["resumed"]["same"].values()), result["resumed"]["same"]
+
+
+def test_deepspeed_zero3_partitioned_factors_are_refused_in_one_sentence():
+    """ZeRO-3 marks every partitioned parameter with a ds_id (DeepSpeed is not installed here: the mark is set by
+    hand); growth and the Trainer callback refuse before touching an empty placeholder."""
+    from types import SimpleNamespace
+
+    from drlora import DRLoRACallback
+
+    model = get_dr_lora_model(base(), small_config(**CONFIG))
+    lora = model.expert_loras()[0]
+    lora.lora_A.ds_id = 0
+    with pytest.raises(RuntimeError, match="ZeRO-3 is not supported yet.*ZeRO-2.*FSDP2"):
+        lora.grow(torch.ones(NUM_EXPERTS, dtype=torch.long))
+    assert lora.ranks().tolist() == [2] * NUM_EXPERTS  # nothing written
+    with pytest.raises(RuntimeError, match="ZeRO-3 is not supported yet"):
+        DRLoRACallback().on_train_begin(None, SimpleNamespace(max_steps=STEPS), None, model=model)

@@ -8,7 +8,7 @@ import os
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .sharding import any_sharded
+from .sharding import any_sharded, refuse_zero3
 
 logger = logging.getLogger("drlora")
 
@@ -44,6 +44,7 @@ class DRLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = self._drlora(kwargs)
+        refuse_zero3(model.parameters())
         if model.drlora_config.total_steps is None or model.drlora_config.total_steps != state.max_steps:
             if model.drlora_config.total_steps is not None:
                 logger.warning("drlora: total_steps=%d in the config, but the Trainer runs %d steps; using %d.",

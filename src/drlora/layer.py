@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grouped import RoutedRows, combine, dispatch, grouped_linear, grouped_mm, grouped_outer, route, sort_weights
-from .sharding import local_rows
+from .sharding import local_rows, refuse_zero3
 from .signals import RankImportance, RoutingFrequency, in_backward, real_tokens
 
 
@@ -185,6 +185,7 @@ class ExpertLoRA(nn.Module):
         new = (slot >= ranks[:, None]) & (slot < grown[:, None])  # [E, r_max]
         if not bool(new.any()):
             return
+        refuse_zero3((self.lora_A, self.lora_B))  # a partitioned factor is an empty placeholder here
         initial = kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed)
         rows, lora_a = local_rows(self.lora_A)  # under FSDP2, the experts this process holds (sharding.py)
         lora_a[new[rows]] = initial[rows].to(lora_a)[new[rows]]

@@ -52,3 +52,13 @@ def local_rows(tensor: torch.Tensor) -> tuple[slice, torch.Tensor]:
                                   f"is placed {tensor.placements}.")
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     return slice(offset[0], offset[0] + shape[0]), tensor.to_local()
+
+
+def refuse_zero3(parameters) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter (each gets a `ds_id`) and hands a module its gathered copy only
+    inside its own forward: drlora's growth and saving read and write whole factors outside any forward, so they
+    would touch an empty placeholder. Refused in one sentence instead of failing deep inside DeepSpeed."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        raise RuntimeError("DeepSpeed ZeRO-3 is not supported yet: it keeps the LoRA factors partitioned across "
+                           "processes, and drlora's growth and saving write and read them whole; use ZeRO-2 "
+                           "(configs/accelerate/deepspeed_zero2.yaml) or FSDP2 (README, 'Sharded with FSDP2').")
