@@ -1,5 +1,6 @@
 """Growth follows the saliency signal: experts that receive the routing mass and the gradient get the ranks."""
 
+import pytest
 import torch
 
 from drlora import get_dr_lora_model
@@ -49,3 +50,10 @@ def test_a_replayed_step_drops_its_statistics():
     train(model, steps=1, start=1)  # step 1 again: ignored, and its sums must not leak into step 2
     assert all(float(a.frequency.step_tokens) == 0 for a in model.adapters)
     assert all(torch.equal(a.frequency.ema, e) for a, e in zip(model.adapters, ema))
+
+
+def test_a_loop_that_skips_a_growth_event_is_told_which_step_it_missed():
+    model = get_dr_lora_model(tiny_moe("olmoe"), small_config())
+    first = model.schedule.events[0]
+    with pytest.raises(RuntimeError, match=f"not called at step {first}, a growth event.*0-based step"):
+        model.update_and_allocate(first + 1)  # a loop counting steps from 1 skips the event at `first`

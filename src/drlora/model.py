@@ -278,6 +278,11 @@ class DRLoRAModel(nn.Module):
             for signal in frequencies + importances:
                 signal.clear_step()
             return None
+        missed = [e for e in schedule.events if int(self.last_step) < e < global_step]
+        if missed:
+            raise RuntimeError(f"update_and_allocate was not called at step {missed[0]}, a growth event (this call "
+                               f"is step {global_step}, the last one was step {int(self.last_step)}): call it once "
+                               "per optimizer step, with the 0-based step the optimizer is about to take.")
         all_reduce_step_sums(frequencies, importances)
         for freq in frequencies:
             freq.update(cfg.beta_f)
