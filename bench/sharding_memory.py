@@ -13,8 +13,9 @@ that trade on the same model, batch and loop — the plain loop of a user's own 
 `update_and_allocate`, AdamW step (DR-LoRA grows during the run: growth_interval 2, events in the timed steps).
 
 Each variant runs in its own `torch.multiprocessing.spawn` of 2 processes (gloo, FileStore, 1 torch thread each, as
-2 processes share 2 cores). Every process builds the whole model first (same seed), then wraps or shards it, so the
-"build" column holds the whole model once in both variants; "wrapped" is what stays resident after DDP's wrap or
+2 processes share 2 cores). "start" is a process after init_process_group; every process then imports transformers
+and builds the whole model (same seed), then wraps or shards it, so the "build" column holds the imports and the
+whole model once in both variants; "wrapped" is what stays resident after DDP's wrap or
 FSDP2's sharding (the replaced full tensors freed), and "train peak" the high-water mark during the steps. "step
 adds" (train peak - wrapped) is what training adds on top: under DDP the gradients, DDP's buckets, AdamW's state and
 the activations; under FSDP2 their shards plus the layers it all-gathers for the moment (the one computing and the
@@ -129,23 +130,27 @@ def _worker(rank: int, variant: str, store: str, out: str, args) -> None:
         wrap_s = time.perf_counter() - begin
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         model.train()
-        times, events = [], []
+        times, hooks, events = [], [], []
         phases.start()
         for step in range(args.warmup + args.steps):
             x = torch.randint(0, OLMOE["vocab_size"], (args.batch, args.seq),
                               generator=torch.Generator().manual_seed(1000 * rank + step))
             begin = time.perf_counter()
             forward(x, labels=x).loss.backward()
+            hook = time.perf_counter()
             if (event := model.update_and_allocate(step)) is not None:
                 events.append(event.step)
+            hooks.append(time.perf_counter() - hook)
             optimizer.step()
             optimizer.zero_grad()
             times.append(time.perf_counter() - begin)
             if rank == 0:
-                print(f"  {variant}: step {step + 1}/{args.warmup + args.steps} {times[-1]:.2f} s", flush=True)
+                print(f"  {variant}: step {step} {times[-1]:.2f} s (update_and_allocate {hooks[-1]:.2f} s"
+                      f"{', growth event' if events and events[-1] == step else ''})", flush=True)
         phases.end("train")
         phases.values["step_adds"] = phases.values["train_peak"] - phases.values["wrapped_rss"]
-        mine = dict(phases.values, build_s=build_s, wrap_s=wrap_s, step_s=times, events=events, parameter_bytes=held_parameter_bytes(model),
+        mine = dict(phases.values, build_s=build_s, wrap_s=wrap_s, step_s=times, update_and_allocate_s=hooks,
+                    events=events, parameter_bytes=held_parameter_bytes(model),
                     trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         everyone = [None] * WORLD
         dist.all_gather_object(everyone, mine)
@@ -163,12 +168,13 @@ def run_variant(variant: str, args) -> dict:
         wall = time.perf_counter() - start
         with open(os.path.join(folder, f"{variant}.json")) as handle:
             processes = json.load(handle)
-    slowest = [max(steps) for steps in zip(*(p["step_s"] for p in processes))]  # per step, the slower process
+    slowest = [max(steps) for steps in zip(*(p["step_s"] for p in processes), strict=True)]  # the slower process
     return {"processes": processes, "step_s": statistics.median(slowest[args.warmup:]), "wall_s": wall}
 
 
 COLUMNS = (("start", "start_rss"), ("build", "build_rss"), ("build peak", "build_peak"), ("wrapped", "wrapped_rss"),
-           ("wrap peak", "wrapped_peak"), ("train peak", "train_peak"), ("step adds", "step_adds"), ("params held", "parameter_bytes"))
+           ("wrap peak", "wrapped_peak"), ("train peak", "train_peak"), ("step adds", "step_adds"),
+           ("params held", "parameter_bytes"))
 
 
 def print_table(results: dict) -> dict:
@@ -195,7 +201,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=2, help="rows per process")
     parser.add_argument("--seq", type=int, default=128, help="tokens per row")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (FSDP2 takes ~40 s a step at 8 layers here)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps (FSDP2: 25-45 s a step at 8 layers on 2 cores)")
     parser.add_argument("--variants", default="ddp,fsdp2", help="comma-separated, run in this order")
     parser.add_argument("--out", default="runs/bench/sharding_memory.json", help="where the JSON goes")
     args = parser.parse_args(argv)
