@@ -154,3 +154,16 @@ def test_torchs_distributed_checkpoint_resolves_and_restores_the_drlora_state():
     set_model_state_dict(fresh, state)
     assert torch.equal(fresh.rank_map(), model.rank_map())
     assert torch.equal(logits(fresh, x), logits(model, x))
+
+
+def test_a_trainer_checkpoint_of_drlora_0_2_still_resumes():
+    """0.2 registered the adapted model as `base_model` and saved it whole; 0.3 saves drlora's state under `model.`"""
+    model = trained("olmoe", steps=8)
+    old = {"base_model." + k.removeprefix("model.") if k.startswith("model.") else k: v
+           for k, v in model.state_dict().items()}
+    old |= {"base_model." + k: v for k, v in model.get_base_model().state_dict().items() if ".dr_lora." not in k}
+    fresh = get_dr_lora_model(tiny_moe("olmoe"), small_config())
+    fresh.load_state_dict(old)  # strict: every piece of drlora's state is found
+    assert torch.equal(fresh.rank_map(), model.rank_map())
+    x = token_batch()
+    assert torch.equal(logits(fresh, x), logits(model, x))

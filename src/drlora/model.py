@@ -177,8 +177,10 @@ class DRLoRAModel(nn.Module):
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load drlora's state (see `state_dict`); strict checks that all of it is there. A state with base weights
-        too (a checkpoint of drlora < 0.3) loads them as well."""
+        """Load drlora's state (see `state_dict`); strict checks that all of it is there. A Trainer checkpoint of
+        drlora 0.2 (the whole model, under "base_model.…") loads too: its base weights are the base's own."""
+        state_dict = {"model." + k.removeprefix("base_model.") if k.startswith("base_model.") else k: v
+                      for k, v in state_dict.items()}
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if k in self._own_state_names()]
         if strict and (missing or result.unexpected_keys):
