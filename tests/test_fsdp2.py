@@ -56,11 +56,11 @@ def trained_factors(model):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def sharded_model():
+def sharded_model(model=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = get_dr_lora_model(base(), small_config(**CONFIG))
+    model = model or get_dr_lora_model(base(), small_config(**CONFIG))
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.get_base_model().model.layers:
         fully_shard(layer, mesh=mesh)
@@ -90,6 +90,27 @@ def resumed_after_a_kill(rank, folder):
     return model, events
 
 
+def built_on_the_meta_device():
+    """What a model too large for one process needs: built on the meta device (no memory), sharded, materialised
+    with to_empty, given its base weights (here from the same seed's model, as a checkpoint would hold them: each
+    process copies its own rows) and drlora's initial state."""
+    from drlora.sharding import local_rows
+
+    with torch.device("meta"):
+        model = sharded_model(get_dr_lora_model(base(), small_config(**CONFIG)))
+    model.to_empty(device="cpu")
+    checkpoint = base()
+    weights = dict(checkpoint.named_parameters()) | dict(checkpoint.named_buffers())
+    adapted = model.get_base_model()
+    with torch.no_grad():
+        for name, tensor in [*adapted.named_parameters(), *adapted.named_buffers()]:
+            if ".dr_lora." not in name:
+                rows, local = local_rows(tensor)
+                local.copy_(weights[name][rows])
+    model.reset_adapter_state()
+    return model
+
+
 def _worker(rank, store, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank, world_size=WORLD,
@@ -109,12 +130,17 @@ def _worker(rank, store, out):
         with torch.no_grad():
             logits = model(global_batch(99)).logits
         resumed, resumed_events = resumed_after_a_kill(rank, os.path.join(out, "dcp"))
+        from_meta = built_on_the_meta_device()
+        meta_events = train(from_meta, rank, WORLD)
+        meta_factors, factors = trained_factors(from_meta), trained_factors(model)
+        meta_differ = [name for name, value in factors.items() if not torch.equal(value, meta_factors[name])]
         after_resume = trained_factors(resumed)
         same = {name: torch.equal(value, after_resume[name]) for name, value in trained_factors(model).items()}
         same["buffers"] = all(torch.equal(a, b) for a, b in zip(model.buffers(), resumed.buffers(), strict=True))
         torch.save({"events": events, "ranks": model.rank_map(), "factors": trained_factors(model),
                     "logits": logits, "placement": placement, "refusal": refusal,
-                    "resumed": {"events": resumed_events, "ranks": resumed.rank_map(), "same": same}},
+                    "resumed": {"events": resumed_events, "ranks": resumed.rank_map(), "same": same},
+                    "meta": {"events": meta_events, "ranks": from_meta.rank_map(), "differ": meta_differ}},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -196,3 +222,11 @@ def test_deepspeed_zero3_partitioned_factors_are_refused_in_one_sentence():
     assert lora.ranks().tolist() == [2] * NUM_EXPERTS  # nothing written
     with pytest.raises(RuntimeError, match="ZeRO-3 is not supported yet"):
         DRLoRACallback().on_train_begin(None, SimpleNamespace(max_steps=STEPS), None, model=model)
+
+
+@pytest.mark.slow
+def test_a_model_built_on_the_meta_device_trains_like_one_built_whole(sharded):
+    _, results = sharded
+    for result in results:
+        assert result["meta"]["events"] == result["events"] and torch.equal(result["meta"]["ranks"], result["ranks"])
+        assert result["meta"]["differ"] == []  # every trained tensor bit-identical

@@ -167,3 +167,14 @@ def test_a_trainer_checkpoint_of_drlora_0_2_still_resumes():
     assert torch.equal(fresh.rank_map(), model.rank_map())
     x = token_batch()
     assert torch.equal(logits(fresh, x), logits(model, x))
+
+
+def test_reset_adapter_state_gives_back_the_state_get_dr_lora_model_created():
+    model = get_dr_lora_model(tiny_moe("qwen2_moe"), small_config(extra_target_modules=("q_proj",)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, steps=6)
+    model.reset_adapter_state()
+    routers = {f"model.{layer.router_name}.weight" for layer in model.moe_layers}  # base weights: trained, kept
+    assert routers < initial.keys()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, initial[k])}
+    assert changed == routers

@@ -121,7 +121,7 @@ class ExpertLoRA(nn.Module):
                  scaling: float, dropout: float, seed: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
-        self.r_max = r_max
+        self.r_max, self.r_init = r_max, r_init
         self.scaling = scaling
         self.seed = seed
         self.lora_A = nn.Parameter(kaiming_init(num_experts, r_max, in_features, seed).to(device=device, dtype=dtype))
@@ -192,6 +192,17 @@ class ExpertLoRA(nn.Module):
         rows, lora_b = local_rows(self.lora_B)
         lora_b.masked_fill_(new[rows][:, None, :], 0)
         self.rank_mask |= new
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to the state at construction — seeded A, B = 0, r_init active ranks, no importance — e.g. after
+        `to_empty` materialised a model built on the meta device (under FSDP2, each process writes its experts)."""
+        rows, lora_a = local_rows(self.lora_A)
+        lora_a.copy_(kaiming_init(self.num_experts, self.r_max, self.in_features, self.seed)[rows])
+        local_rows(self.lora_B)[1].zero_()
+        self.set_ranks(torch.full((self.num_experts,), self.r_init))
+        self.importance.reset()
+        self.importance.clear_step()
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -285,7 +296,7 @@ class LinearLoRA(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, seed: int, dtype: torch.dtype):
         super().__init__()
         device = base.weight.device
-        self.scaling = scaling
+        self.scaling, self.seed = scaling, seed
         init = kaiming_init(1, rank, base.in_features, seed)[0]
         self.lora_A = nn.Parameter(init.to(device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
@@ -294,6 +305,13 @@ class LinearLoRA(nn.Module):
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         h = F.linear(self.dropout(x.to(dtype)), self.lora_A.to(dtype))
         return F.linear(h, self.lora_B.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Seeded A, B = 0, as constructed (see ExpertLoRA.reset_parameters)."""
+        rows, lora_a = local_rows(self.lora_A)
+        lora_a.copy_(kaiming_init(1, self.lora_A.shape[0], self.lora_A.shape[1], self.seed)[0][rows])
+        local_rows(self.lora_B)[1].zero_()
 
     @staticmethod
     def hook(module: nn.Module, args, output):

@@ -383,6 +383,20 @@ class DRLoRAModel(nn.Module):
         self._refuse_sharded("export_peft")
         export_peft(self, save_directory)
 
+    @torch.no_grad()
+    def reset_adapter_state(self) -> None:
+        """drlora's state as `get_dr_lora_model` creates it: seeded A, B = 0, r_init active ranks, empty statistics,
+        no step taken. For a model built on the meta device and materialised with `to_empty` (the way to shard an
+        MoE too large to build whole on each process): load the base weights, then call this. The routers' weights
+        are the base model's, loaded with it."""
+        for adapter in self.adapters:
+            adapter.frequency.reset()
+            for lora in adapter.projections.values():
+                lora.reset_parameters()
+        for _, module, _ in self._extra_handles:
+            module.dr_lora.reset_parameters()
+        self.last_step.fill_(-1)
+
     def _refuse_sharded(self, what: str) -> None:
         if any_sharded(self.parameters()):
             raise RuntimeError(f"{what} needs the whole model, and this one is sharded (FSDP2): call save_pretrained "

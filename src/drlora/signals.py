@@ -68,6 +68,14 @@ def add_routing(mass: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: to
     return top_k_index.shape[0] if real is None else real.sum()
 
 
+def _moved(step_sum: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-step sum (a plain attribute, not a buffer) on `like`'s device; zeros when it was on the meta device,
+    which holds no values (a model built there and materialised with `to_empty`)."""
+    if step_sum.is_meta and not like.is_meta:
+        return torch.zeros(step_sum.shape, dtype=step_sum.dtype, device=like.device)
+    return step_sum.to(like.device)
+
+
 class RoutingFrequency(nn.Module):
     """Routing weight mass per expert: per-step sums (not saved) and their EMA (saved)."""
 
@@ -79,8 +87,14 @@ class RoutingFrequency(nn.Module):
 
     def _apply(self, fn, recurse=True):  # keep the per-step sums on the module's device
         super()._apply(fn, recurse)
-        self.step_mass, self.step_tokens = self.step_mass.to(self.ema.device), self.step_tokens.to(self.ema.device)
+        self.step_mass, self.step_tokens = _moved(self.step_mass, self.ema), _moved(self.step_tokens, self.ema)
         return self
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """No routing seen yet (as constructed)."""
+        self.ema.zero_()
+        self.clear_step()
 
     @torch.no_grad()
     def record(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, real: torch.Tensor | None = None) -> None:
@@ -117,7 +131,7 @@ class RankImportance(nn.Module):
 
     def _apply(self, fn, recurse=True):  # keep the per-step sums on the module's device
         super()._apply(fn, recurse)
-        self.step_sum = self.step_sum.to(self.ema.device)
+        self.step_sum = _moved(self.step_sum, self.ema)
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
