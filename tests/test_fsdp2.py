@@ -44,6 +44,9 @@ def train(model, rank=0, world=1, steps=range(STEPS), optimizer=None):
         rows = ROWS // world
         x = global_batch(step)[rank * rows:(rank + 1) * rows]
         model(x, labels=x).loss.backward()
+        # clipped before update_and_allocate, as the Trainer does: in warmup the frozen routers' gradients must
+        # already be zero here, or they change the norm (max_norm small enough that the clip acts)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm=1e-3)
         if (event := model.update_and_allocate(step)) is not None:
             events.append(event.step)
         optimizer.step()

@@ -118,8 +118,9 @@ class DRLoRAModel(nn.Module):
         return handles
 
     def _setup_routers(self) -> None:
-        """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup. In a
-        bf16/fp16 model they train as float32 masters (router_master.py), unless adapter_dtype='base'."""
+        """Routers join the optimizer from step 0 (requires_grad) and are gated to zero gradient in warmup, inside
+        their forward (router_master.py: the gate holds under FSDP2 too). In a bf16/fp16 model they train as float32
+        masters, unless adapter_dtype='base'."""
         if not self.drlora_config.train_router:
             return
         for layer in self.moe_layers:
@@ -127,20 +128,20 @@ class DRLoRAModel(nn.Module):
                 raise ValueError(f"train_router=True but no router was found beside {layer.name}; set "
                                  "train_router=False.")
             master_dtype = self.drlora_config.trainable_dtype(layer.experts.down_proj.dtype)
-            if (master := attach_router_master(layer.router, master_dtype)) is not None:
-                self._router_masters.append(master)
+            self._router_masters.append(attach_router_master(layer.router, master_dtype,
+                                                             lambda: self.router_trainable))
             for param in layer.router.parameters():
                 param.requires_grad_(True)
-                param.register_hook(self._gate_router_grad)
+                param.register_hook(self._gate_router_grad)  # for code that reads the weight outside forward
+
+    def _gate_router_grad(self, grad: torch.Tensor):
+        return None if self.router_trainable else torch.zeros_like(grad)
 
     def _router_params(self) -> list[nn.Parameter]:
         """The trained routers' parameters, looked up each time: FSDP2's fully_shard replaces every parameter."""
         if not self.drlora_config.train_router:
             return []
         return [param for layer in self.moe_layers for param in layer.router.parameters()]
-
-    def _gate_router_grad(self, grad: torch.Tensor):
-        return None if self.router_trainable else torch.zeros_like(grad)
 
     # ---- nn.Module plumbing -----------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

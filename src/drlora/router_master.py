@@ -1,4 +1,8 @@
-"""Float32 master weights for a trained router in a lower-precision (bf16 / fp16) model.
+"""A trained router: float32 master weights in a lower-precision (bf16 / fp16) model, and its warmup gate.
+
+The gate: during warmup the router is frozen; its forward passes each parameter through `_WarmupGate`, whose
+backward gives zeros until the schedule lets the router learn — in the graph, so it holds where wrappers replace the
+parameters (FSDP2) and before any gradient-clipping norm is taken.
 
 Why: in a bf16 model an AdamW update at the paper's learning rate of 2e-5 is below half a bf16 step for most router
 entries, so a bf16 router barely trains (31 % of a tiny Qwen3-MoE's router entries moved in 5 steps). So the router's
@@ -32,22 +36,42 @@ def masters_in_state_dict():
         _keep_masters.reset(token)
 
 
-def attach_router_master(router: nn.Module, master_dtype: torch.dtype) -> RouterMaster | None:
-    """Upcast `router`'s parameters narrower than `master_dtype` to it (None if there are none: nothing changes)."""
-    narrower = {name: p.dtype for name, p in router.named_parameters()
-                if p.is_floating_point() and p.dtype.itemsize < master_dtype.itemsize}
-    return RouterMaster(router, narrower, master_dtype) if narrower else None
+def attach_router_master(router: nn.Module, master_dtype: torch.dtype, trainable) -> RouterMaster:
+    """Train `router`: its parameters narrower than `master_dtype` upcast to it, its gradient gated by `trainable()`
+    (False during warmup) inside its forward."""
+    original = {name: p.dtype for name, p in router.named_parameters() if p.is_floating_point()}
+    return RouterMaster(router, original, master_dtype, trainable)
+
+
+class _WarmupGate(torch.autograd.Function):
+    """Identity forward; the backward passes the gradient on only while the router may learn, zeros otherwise.
+
+    In the graph rather than as a hook on the parameter, because wrappers replace parameters: FSDP2's fully_shard
+    computes with unsharded copies and keeps sharded ones, and a hook on the original Parameter fires on neither.
+    Zeros (not None) keep DDP's reducer and FSDP2's reduce-scatter uniform, and keep the frozen router out of any
+    gradient-clipping norm taken before the optimizer step."""
+
+    @staticmethod
+    def forward(ctx, weight, open_gate: bool):
+        ctx.open_gate = open_gate
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.open_gate else torch.zeros_like(grad)), None
 
 
 class RouterMaster:
-    """The float32 masters of one router module: which of its parameters were upcast, and from which dtype."""
+    """One trained router: which of its parameters were upcast (from which dtype), and its warmup gate."""
 
-    def __init__(self, router: nn.Module, original: dict[str, torch.dtype], master_dtype: torch.dtype):
+    def __init__(self, router: nn.Module, original: dict[str, torch.dtype], master_dtype: torch.dtype, trainable):
         self.router = router
         self.original = original
-        for name in original:
-            param = router.get_parameter(name)
-            param.data = param.data.to(master_dtype)
+        self.trainable = trainable
+        for name, dtype in original.items():
+            if dtype.itemsize < master_dtype.itemsize:
+                param = router.get_parameter(name)
+                param.data = param.data.to(master_dtype)
         self._owners = [(router.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], dtype)
                         for name, dtype in self.original.items()]
         self._hook = router.register_state_dict_post_hook(lambda *args: self._cast_state_dict(*args))
@@ -75,16 +99,17 @@ class RouterMaster:
 
 
 def _forward_with_compute_copies(self, *args, **kwargs):
-    """The router's own forward, with each upcast parameter seen as a copy in its original dtype.
+    """The router's own forward, with each parameter seen through the warmup gate, as a copy in its original dtype.
 
     An instance attribute shadows a registered parameter of the same name (nn.Module only looks in `_parameters`
     when normal attribute lookup fails), and the copy is differentiable, so the gradient reaches the master.
     """
     master: RouterMaster = self._drlora_router_master
+    open_gate = master.trainable()
     placed = []
     try:
         for owner, name, dtype in master._owners:
-            owner.__dict__[name] = owner._parameters[name].to(dtype)
+            owner.__dict__[name] = _WarmupGate.apply(owner._parameters[name], open_gate).to(dtype)
             placed.append((owner, name))
         return master._base_forward(*args, **kwargs)
     finally:
