@@ -60,6 +60,7 @@ class DRLoRAModel(nn.Module):
         self._inject_experts()
         self._extra_handles = self._inject_extra_modules()
         self._router_masters: list[RouterMaster] = []
+        self._router_open: tuple | None = None  # router_trainable's cache
         self._setup_routers()
         backbone = self.base_model  # every forward runs it, also TRL's, which skips the LM head and this wrapper
         self._batch_hooks = [backbone.register_forward_pre_hook(self._batch.capture, with_kwargs=True),
@@ -240,10 +241,18 @@ class DRLoRAModel(nn.Module):
 
     @property
     def router_trainable(self) -> bool:
-        """Whether the router may learn in the coming step (the one after `last_step`)."""
+        """Whether the router may learn in the coming step (the one after `last_step`).
+
+        Asked by every router forward (its warmup gate): the answer is cached until `last_step` is written (its
+        version counter moves) or replaced, so the host reads the step from the device once per step, not once
+        per router and forward."""
         if not self.drlora_config.train_router or self._schedule is None:
             return False
-        return self._schedule.router_trainable(int(self.last_step) + 1)
+        step, cached = self.last_step, self._router_open
+        if cached is None or cached[0] is not step or cached[1] != step._version or cached[2] is not self._schedule:
+            cached = (step, step._version, self._schedule, self._schedule.router_trainable(int(step) + 1))
+            self._router_open = cached
+        return cached[3]
 
     def parameter_counts(self) -> dict[str, int]:
         """Active LoRA parameters (unmasked ranks), reserved LoRA parameters (r_max) and trainable parameters."""
