@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .data import row_kind
+from .sharding import any_sharded
 
 
 @contextmanager
@@ -188,6 +189,8 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     predictions = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
+    # a model sharded by FSDP2 needs every process in every forward: each keeps generating until all are done
+    synced = any_sharded(model.parameters()) and torch.distributed.get_world_size() > 1
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -199,7 +202,7 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
                 mask[row, width - len(encoded[i]):] = 1
             output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                     num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
-                                    pad_token_id=pad, stopping_criteria=StoppingCriteriaList(
+                                    pad_token_id=pad, synced_gpus=synced, stopping_criteria=StoppingCriteriaList(
                                         [_StopAtNewline(tokenizer, width)]))
             for row, i in enumerate(chunk):
                 tokens = output[row, width:].tolist()

@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .config import DRLoRAConfig
 from .fileio import atomic_write
-from .sharding import any_sharded, whole
+from .sharding import any_sharded, copy_whole_into, whole
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -137,11 +137,8 @@ def load_dr_lora_model(model: nn.Module, save_directory, is_trainable: bool = Fa
 def restore_training_state(drlora, save_directory) -> None:
     """Load a resumable checkpoint (`save_pretrained(dir, include_training_state=True)`) into an existing
     DRLoRAModel: every r_max rank, the masks, the EMAs of both growth signals, the last step and the routers — all a
-    resumed training run needs to make the same decisions as an uninterrupted one."""
-    if any_sharded(drlora.parameters()):
-        raise RuntimeError("restore_training_state writes whole tensors, and this model is sharded (FSDP2): restore "
-                           "before fully_shard, or resume through torch.distributed.checkpoint (state_dict is drlora's "
-                           "state only).")
+    resumed training run needs to make the same decisions as an uninterrupted one. A model sharded by FSDP2 is
+    restored too: every process reads the (adapter-sized) file and writes the experts it holds."""
     meta = read_adapter_config(save_directory)
     _check_base(drlora, meta["base_model"], save_directory)
     state_path = Path(save_directory) / STATE_NAME
@@ -158,7 +155,7 @@ def _load_routers(drlora, save_directory) -> None:
     weights = load_file(str(Path(save_directory) / WEIGHTS_NAME))
     for layer in drlora.moe_layers:
         for pname, param in layer.router.named_parameters():
-            param.copy_(weights[f"{layer.router_name}.{pname}"])
+            copy_whole_into(param, weights[f"{layer.router_name}.{pname}"])
 
 
 def _check_base(drlora, saved: dict, where) -> None:
@@ -194,12 +191,20 @@ def _load_active(drlora, tensors: dict[str, torch.Tensor], rank_map: torch.Tenso
 @torch.no_grad()
 def _load_training_state(drlora, state: dict[str, torch.Tensor]) -> None:
     drlora.last_step.copy_(state["last_step"][0])
-    for layer, adapter in zip(drlora.moe_layers, drlora.adapters):
-        prefix = f"{layer.name}.dr_lora."
-        adapter.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    for name, module, _ in drlora._extra_handles:
-        prefix = f"{name}.dr_lora."
-        module.dr_lora.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    modules = [(f"{layer.name}.dr_lora.", adapter) for layer, adapter in zip(drlora.moe_layers, drlora.adapters)]
+    modules += [(f"{name}.dr_lora.", module.dr_lora) for name, module, _ in drlora._extra_handles]
+    for prefix, module in modules:
+        saved = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not any_sharded(module.parameters()):
+            module.load_state_dict(saved)  # (also reads older drlora versions' key names)
+            continue
+        ours = module.state_dict(keep_vars=True)  # sharded: each process writes the rows it holds
+        if saved.keys() != ours.keys():
+            missing, unexpected = sorted(ours.keys() - saved.keys()), sorted(saved.keys() - ours.keys())
+            raise ValueError(f"the training state of {prefix[:-1]} does not match this model (missing {missing}, "
+                             f"unexpected {unexpected}); resume with the drlora version and config that saved it.")
+        for key, target in ours.items():
+            copy_whole_into(target, saved[key])
 
 
 @torch.no_grad()

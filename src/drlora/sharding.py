@@ -54,6 +54,16 @@ def local_rows(tensor: torch.Tensor) -> tuple[slice, torch.Tensor]:
     return slice(offset[0], offset[0] + shape[0]), tensor.to_local()
 
 
+@torch.no_grad()
+def copy_whole_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor (as saved) into `target`; for a sharded target, only the rows this process holds."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"a saved tensor of shape {tuple(value.shape)} cannot be loaded into one of shape "
+                         f"{tuple(target.shape)}; load it onto the model and config it was saved from.")
+    rows, local = local_rows(target)
+    local.copy_(value[rows].to(local.device))
+
+
 def refuse_zero3(parameters) -> None:
     """DeepSpeed ZeRO-3 partitions every parameter (each gets a `ds_id`) and hands a module its gathered copy only
     inside its own forward: drlora's growth and saving read and write whole factors outside any forward, so they

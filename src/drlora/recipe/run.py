@@ -28,6 +28,7 @@ from ..evaluate import evaluate_rows
 from ..fileio import write_json
 from ..host_memory import keep_freed_host_memory
 from ..loading import load_model, resolve_model
+from ..sharding import any_sharded
 from .config import RunConfig
 from .methods import build_method_model, build_peft_model
 from .run_dir import RunFolder, explain_os_error
@@ -82,8 +83,10 @@ def _model_identity(spec: str) -> dict:
     return {"folder": str(folder.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
 
 
-def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: str | None = None) -> dict:
-    """Scores per eval set; with `cache_for` (a model spec) the scores of an unmodified base model are cached."""
+def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: str | None = None,
+                  announce: bool = True) -> dict:
+    """Scores per eval set; with `cache_for` (a model spec) the scores of an unmodified base model are cached.
+    `announce=False` (the other processes of a sharded run) prints nothing."""
     results = {}
     for name, rows in sets.items():
         key = None
@@ -96,9 +99,11 @@ def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: st
                 results[name] = json.loads(cached.read_text())
                 print(f"drlora: {name}: base-model scores from the cache ({cached.name})", flush=True)
                 continue
-        print(f"drlora: evaluating on {name} ({config.data.eval_split if name in TASKS else 'file'}, "
-              f"{len(rows)} rows)", flush=True)
-        results[name] = evaluate_rows(model, tokenizer, rows, batch_size=config.train.eval_batch_size)
+        if announce:
+            print(f"drlora: evaluating on {name} ({config.data.eval_split if name in TASKS else 'file'}, "
+                  f"{len(rows)} rows)", flush=True)
+        results[name] = evaluate_rows(model, tokenizer, rows, batch_size=config.train.eval_batch_size,
+                                      progress=announce)
         if key is not None:
             write_json(cache_dir() / "eval_cache" / f"{key}.json", results[name])
     return results
@@ -116,20 +121,35 @@ class _Timer(TrainerCallback):
         self.tokens_total = state.num_input_tokens_seen
 
 
-def _refuse_sharded_parameters() -> None:
-    """FSDP and ZeRO-3 shard the LoRA factors themselves; drlora's checkpoints and growth read them whole. Checked
-    from what `accelerate launch` sets, before anything is written."""
-    from accelerate.utils import DistributedType
+def fsdp_version() -> int | None:
+    """The FSDP version `accelerate launch` asked for (1 or 2), or None without FSDP.
 
+    Read from the environment accelerate sets (ACCELERATE_USE_FSDP, FSDP_VERSION) rather than from its state: only
+    AcceleratorState, built later by the Trainer, says FSDP — PartialState keeps saying MULTI_GPU."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    return int(os.environ.get("FSDP_VERSION", "1"))
+
+
+def _refuse_unsupported_sharding() -> None:
+    """FSDP1 and ZeRO-3 shard the LoRA factors in ways drlora does not read or write; refused from what
+    `accelerate launch` sets, before anything is written. FSDP2 is supported (sharding.py)."""
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if stage is None and config_file and Path(config_file).is_file():
         stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage"))
-    if PartialState().distributed_type == DistributedType.FSDP or stage == "3":
-        raise ValueError("drlora train supports DDP and DeepSpeed ZeRO-1/2, not yet FSDP or ZeRO-3 (its resumable "
-                         "checkpoints and evaluation read whole tensors) — use configs/accelerate/ddp.yaml or "
-                         "deepspeed_zero2.yaml; in a training loop of your own, the Python API runs under FSDP2's "
-                         "fully_shard (README, 'Sharded with FSDP2').")
+    if stage == "3":
+        raise ValueError("drlora train does not support DeepSpeed ZeRO-3 yet (it partitions the LoRA factors, which "
+                         "growth and checkpoints write and read whole); use configs/accelerate/fsdp2.yaml to shard "
+                         "the model, or deepspeed_zero2.yaml.")
+    version = fsdp_version()
+    if version == 1:
+        raise ValueError("drlora train supports FSDP2, not FSDP1 (its flat parameters mix the experts' LoRA factors "
+                         "into one buffer); set fsdp_version: 2, as configs/accelerate/fsdp2.yaml does.")
+    if version == 2 and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        raise ValueError("fsdp_cpu_ram_efficient_loading must be false for drlora train: it loads the base weights on "
+                         "the first process only, and drlora builds each process's adapters on real weights; set it "
+                         "to false, as configs/accelerate/fsdp2.yaml does.")
 
 
 def _close_progress_bar(trainer) -> None:
@@ -194,6 +214,7 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     """Run the recipe; returns metrics.json's content. Raises ConfigError / DataError / ValueError / OSError with
     one sentence for bad input (before writing anything) and TrainingStopped if the loss diverges."""
     started = time.time()
+    _refuse_unsupported_sharding()
     folder = RunFolder(config.output_dir)
     folder.check_claim(config)
     if config.resume and not newest_complete_checkpoint(folder.checkpoints) and folder.config_file.is_file():
@@ -213,7 +234,6 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         method_details = {}
     else:  # refuses dense models and infeasible schedules
         model, method_details = build_method_model(config, base, examples, steps, pad)
-    _refuse_sharded_parameters()
 
     state = PartialState()
     main = state.is_main_process
@@ -242,11 +262,12 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         kind = "pruning" if model.drlora_config.allocation == "prune" else "growth"
         schedule = f"{kind} events at steps {', '.join(map(str, model.schedule.events)) or 'none'}"
     factor = None if peft else model.expert_loras()[0].lora_A
-    if factor is not None and factor.device.type == "cpu":  # which kernel runs drlora's grouped matmuls
+    if main and factor is not None and factor.device.type == "cpu":  # which kernel runs drlora's grouped matmuls
         print(f"drlora: {mkl_batch.describe(factor.dtype)}", flush=True)
-    print(f"drlora: training {config.method} on {data_stats['rows']:,} rows ({data_stats['tokens']:,} tokens, "
-          f"{data_stats['truncated']} truncated) for {steps} steps; {schedule}"
-          + (f"; resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
+    if main:
+        print(f"drlora: training {config.method} on {data_stats['rows']:,} rows ({data_stats['tokens']:,} tokens, "
+              f"{data_stats['truncated']} truncated) for {steps} steps; {schedule}"
+              + (f"; resuming from {checkpoint.name}" if checkpoint else ""), flush=True)
     try:
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -261,11 +282,17 @@ def train(config: RunConfig, progress: bool = True) -> dict:
         if main:
             folder.remove_incomplete_checkpoints()
         raise OSError(explain_os_error(err, f"a checkpoint in {folder.checkpoints}")) from None
-    if not main:
+    # under FSDP2 each forward gathers its layers from every process: every process evaluates the same rows in step
+    # and joins the adapter's gather; only the main process keeps the scores and writes
+    sharded = not peft and any_sharded(model.parameters())
+    if not main and not sharded:
         return {}
     clock = time.time()
-    eval_after = evaluate_sets(model, tokenizer, eval_sets, config) if eval_sets else None
+    eval_after = evaluate_sets(model, tokenizer, eval_sets, config, announce=main) if eval_sets else None
     eval_seconds["after"] = round(time.time() - clock, 1)
+    if not main:
+        model.save_pretrained(folder.path / "adapter.partial")  # joins the gather; the main process writes
+        return {}
     metrics = {
         "status": "completed", "model": config.model, "method": config.method, "steps": steps,
         "train_data": config.data.train, "eval_split": config.data.eval_split, "data": data_stats,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -22,8 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from ..saving import restore_training_state
+from ..sharding import any_sharded, is_sharded
 
 COMPLETE_MARKER = "drlora_complete"
 
@@ -59,12 +62,41 @@ def _on_processes(ranks: list[int]) -> str:
     return f" on process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {dist.get_world_size()}"
 
 
+def _is_drlora(model) -> bool:
+    from ..model import DRLoRAModel
+
+    return isinstance(model, DRLoRAModel)
+
+
 def _unwrap(model):
     from ..model import DRLoRAModel
 
     while not isinstance(model, DRLoRAModel) and hasattr(model, "module"):
         model = model.module
     return model
+
+
+class ResumableLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' `group_by_length` order (batches of similar length, little padding), replayed exactly on resume.
+
+    transformers draws each epoch's order from the global RNG as the epoch begins. A run resumed in its second or a
+    later epoch has that RNG restored to the checkpoint's state, not to the state the epoch began with, so it
+    replayed the epoch in another order (a resume at step 8 of a 12-step, 6-steps-per-epoch run ended on another
+    rank map). Epoch 0 keeps the global RNG's order, so a run that never completes an epoch is unchanged; epoch
+    e ≥ 1 draws from a generator seeded with (seed, e), the same on every process and in every resumed run."""
+
+    def __init__(self, *args, seed: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.epoch == 0:
+            return super().__iter__()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class DRLoRATrainer(Trainer):
@@ -79,6 +111,32 @@ class DRLoRATrainer(Trainer):
             return super()._save(output_dir, state_dict)
         if self.args.should_save:
             model.save_pretrained(output_dir or self.args.output_dir, include_training_state=True)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            sampler = ResumableLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                    seed=self.args.data_seed if self.args.data_seed is not None
+                                                    else self.args.seed)
+            self._resumable_sampler = sampler
+        return sampler
+
+    def _run_epoch(self, *args, **kwargs):
+        """Tells the sampler its epoch: accelerate's set_epoch does not reach a sampler under BatchSamplerShard
+        (several processes), and transformers calls this with the epoch even when resuming mid-epoch."""
+        sampler = getattr(self, "_resumable_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(inspect.signature(Trainer._run_epoch).bind(self, *args, **kwargs).arguments["epoch"])
+        return super()._run_epoch(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 the Trainer would write drlora's state only with a full state dict, from one process; every
+        process joins save_pretrained instead (it gathers the sharded factors; the first process writes)."""
+        model = _unwrap(self.model)
+        if _is_drlora(model) and any_sharded(model.parameters()):
+            model.save_pretrained(output_dir or self.args.output_dir, include_training_state=True)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from ..model import DRLoRAModel
@@ -107,12 +165,16 @@ class FiniteGradientGuard(TrainerCallback):
     same gradients, but not every setup reduces them (or all of them) before this point."""
 
     def __init__(self, model):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.model = model
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        norms = [p.grad.detach().abs().amax() for p in self.params if p.grad is not None]
+        # looked up each step (FSDP2 replaces the parameters); a sharded gradient is checked where it is held, and
+        # the flag below is what every process agrees on
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        grads = [g.to_local() if is_sharded(g) else g for g in grads]
+        norms = [g.detach().abs().amax() for g in grads if g.numel()]
         here = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
-        ranks = processes_where(here, self.params[0].device if self.params else args.device)
+        ranks = processes_where(here, grads[0].device if grads else args.device)
         if ranks:
             raise NonFiniteError(f"the gradients became non-finite{_on_processes(ranks)} at step {state.global_step}")
 
