@@ -54,11 +54,11 @@ def test_resume_after_sigkill_gives_a_bit_identical_adapter_and_rank_map(assets,
     assert a["rank_map"] == b["rank_map"] and a["eval_after"] == b["eval_after"]
 
 
-def accelerate_launch(assets, out, tmp_path, launcher_args, program, *extra):
+def accelerate_launch(asset_dir, out, tmp_path, launcher_args, program, *extra):
     """`drlora train` in 2 gloo processes under `accelerate launch` (12 steps, 6 per epoch, checkpoints every 4)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *program, "train",
-              *overrides(assets, out, "train.max_steps=12", *extra)]
+              *overrides(asset_dir, out, "train.max_steps=12", *extra)]
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))  # the shim imports from tests/
     result = subprocess.run(launch, env={**env(tmp_path), "PYTHONPATH": path}, capture_output=True, text=True,
                             timeout=600)
