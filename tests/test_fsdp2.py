@@ -9,8 +9,12 @@ optimizer step. One spawn serves the file (starting processes and importing tran
 
 import datetime
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -199,6 +203,19 @@ def test_adapter_saved_from_the_sharded_model_loads_and_exports(sharded, tmp_pat
     exported = peft.PeftModel.from_pretrained(base(), tmp_path / "peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, first["logits"], atol=1e-4, rtol=1e-4)
+    # and in a fresh process that never imports drlora: plain transformers + PEFT on the same base and batch
+    safetensors.torch.save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import peft, safetensors.torch; "
+              f"from tiny_models import tiny_moe; base = tiny_moe({FAMILY!r}, num_experts={NUM_EXPERTS}); "
+              f"m = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'peft')!r}).eval(); "
+              "assert not any(name.startswith('drlora') for name in sys.modules); "
+              f"x = safetensors.torch.load_file({str(tmp_path / 'x.safetensors')!r})['x']; "
+              f"safetensors.torch.save_file({{'logits': m(x).logits.detach()}}, "
+              f"{str(tmp_path / 'logits.safetensors')!r})")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fresh = safetensors.torch.load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    torch.testing.assert_close(fresh, first["logits"], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
