@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 # Families with routed experts that transformers does not dispatch through `use_experts_implementation`.
@@ -66,6 +67,23 @@ class MoELayer:
             half = self.intermediate_size
             return slice(0, half) if projection == "gate" else slice(half, 2 * half)
         return slice(0, None, 2) if projection == "gate" else slice(1, None, 2)
+
+    def fused_weight(self, projection: str) -> nn.Parameter:
+        """The experts' fused parameter that holds `projection` (down_proj, gate_up_proj or up_proj)."""
+        if projection == "down":
+            return self.experts.down_proj
+        return self.experts.gate_up_proj if self.has_gate else self.experts.up_proj
+
+    @torch.no_grad()
+    def add_to_weight(self, projection: str, delta: torch.Tensor) -> None:
+        """Add a per-expert ΔW [E, out, in] (y = x @ W.T) to the fused weight, whatever its layout (transposed,
+        concatenated or interleaved gate/up), rounded once to the weight's dtype: merging, and planting a known
+        update (studies/capacity.py)."""
+        weight, columns = self.fused_weight(projection), self.out_slice(projection)
+        if self.is_transposed:  # [E, in, out]
+            weight[:, :, columns] += delta.transpose(1, 2).to(weight.dtype)
+        else:  # [E, out, in]
+            weight[:, columns, :] += delta.to(weight.dtype)
 
     def shape_signature(self) -> dict:
         """What must match for an adapter to load onto this layer."""

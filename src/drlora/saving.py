@@ -216,16 +216,7 @@ def merge_and_unload(drlora) -> nn.Module:
     for layer, adapter in zip(drlora.moe_layers, drlora.adapters):
         experts = layer.experts
         for proj, lora in adapter.projections.items():
-            delta = lora.delta_weight()  # [E, out, in]
-            if proj == "down":
-                weight = experts.down_proj
-            else:
-                weight = experts.gate_up_proj if layer.has_gate else experts.up_proj
-            sl = layer.out_slice(proj)
-            if layer.is_transposed:  # [E, in, out]
-                weight[:, :, sl] += delta.transpose(1, 2).to(weight.dtype)
-            else:  # [E, out, in]
-                weight[:, sl, :] += delta.to(weight.dtype)
+            layer.add_to_weight(proj, lora.delta_weight())  # [E, out, in], computed in float32
         del experts.dr_lora
         del experts.forward  # back to the class's forward (transformers' dispatch)
     for master in drlora._router_masters:  # routers back to the base dtype, as their forward computed them
