@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -84,8 +85,10 @@ class StudyConfig:
     scenarios: tuple = SCENARIOS
     # the real-model scenario: builtin:smollm2-moe cut to its last MoE layers, on news text (demand as "independent")
     real: bool = True
-    real_layers: int = 2
+    real_layers: int = 1
     real_vocab: int = 2048
+    real_steps: int = 100  # a real layer costs ~100x a tiny one: fewer, smaller steps keep the study in 20 minutes
+    real_batch_size: int = 8
     real_methods: tuple = ("dr-lora", "importance-only", "lora", "static-freq", "oracle")
     methods: tuple = METHODS
     families: tuple = tuple(FAMILIES)
@@ -314,6 +317,7 @@ def run_scenario(family: str, scenario: str, seed: int, study: StudyConfig, log,
     `real`: (base, rows) of build_real_base for the real-model scenario (rows split by seed: held-out rows last)."""
     methods = study.methods
     if real is not None:
+        study = dataclasses.replace(study, steps=study.real_steps, batch_size=study.real_batch_size)
         base, rows = real
         order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
         train_rows, eval_rows = order[:-study.eval_rows], order[-study.eval_rows:]

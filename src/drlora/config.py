@@ -28,6 +28,10 @@ class DRLoRAConfig:
 
     Defaults follow the paper (DR-LoRA, arXiv 2601.04823 v5). `total_steps` is the number of optimizer steps; it may
     be left `None` when training with `DRLoRACallback`, which takes it from the Trainer.
+
+    Not a PEFT config: trainers that take `peft_config=` (TRL's SFTTrainer) accept only PEFT's own methods, and PEFT
+    registers only those it ships. Pass the model instead: `SFTTrainer(model=get_dr_lora_model(model, config),
+    callbacks=[DRLoRACallback()])` (README, "With TRL").
     """
 
     r_init: int = _help("Active rank of every expert at the start.", 8)
