@@ -53,6 +53,13 @@ from capacity_report import write_report  # noqa: E402
 SCENARIOS = ("independent", "frequent", "rare", "uniform")
 METHODS = ("dr-lora", "importance-only", "lora", "lora-rmax", "static-freq", "esft", "adalora-prune", "peft-lora",
            "oracle")
+# Diagnostics: DR-LoRA with one factor changed, to find out why it wins or loses a scenario (run with --diagnose)
+DIAGNOSTICS = {
+    "dr-lora/fixed-final": {"allocation": "fixed"},  # dr-lora's final rank map, fixed from step 0: no schedule
+    "dr-lora/even-growth": {"gamma": 50.0},  # the penalty dominates: every expert grows alike, on dr-lora's schedule
+    "dr-lora/gamma-0": {"gamma": 0.0},  # no rank penalty
+    "dr-lora/early-growth": {"growth_end_ratio": 0.5},  # the budget complete by mid-run, not at the end
+}
 FAMILIES = {  # tiny MoEs of two families; 8 experts, top-2, expert width 32
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, intermediate_size=64,
                       head_dim=16),
@@ -212,8 +219,10 @@ def _expert_weights(layer, proj: str) -> torch.Tensor:
 
 
 # ---- methods ---------------------------------------------------------------------------------------------------
-def student(method: str, base, study: StudyConfig, seed: int, planted: torch.Tensor, routing: dict):
-    """The base (deep-copied) with `method` at the study's budget, and its trainable parameters."""
+def student(method: str, base, study: StudyConfig, seed: int, planted: torch.Tensor, routing: dict,
+            earlier: dict | None = None):
+    """The base (deep-copied) with `method` at the study's budget. `earlier`: final rank maps of the methods
+    already run on this cell (dr-lora/fixed-final takes dr-lora's)."""
     model = copy.deepcopy(base)
     if method == "peft-lora":
         return _peft_student(model, study)
@@ -234,6 +243,10 @@ def student(method: str, base, study: StudyConfig, seed: int, planted: torch.Ten
     elif method == "oracle":
         settings["allocation"] = "fixed"
         ranks = proportional_ranks(planted.double(), r_target=study.r_target, r_max=study.r_max)
+    elif method in DIAGNOSTICS:
+        settings.update(DIAGNOSTICS[method])
+        if method == "dr-lora/fixed-final":
+            ranks = earlier["dr-lora"]
     model = get_dr_lora_model(model, DRLoRAConfig(**settings))
     if ranks is not None:
         model.set_rank_map(ranks)
@@ -335,7 +348,8 @@ def run_scenario(family: str, scenario: str, seed: int, study: StudyConfig, log,
     results = []
     for method in methods:
         clock = time.time()
-        model = student(method, base, study, seed, planted, routing)
+        model = student(method, base, study, seed, planted, routing, {r["method"]: torch.tensor(r["ranks"])
+                                                                        for r in results})
         last_loss = train(model, teacher, train_rows, study, seed, drlora=method != "peft-lora")
         kl = held_out_kl(model, teacher_eval, eval_rows)
         ranks = final_ranks(model, method, study, *planted.shape)
@@ -385,10 +399,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="run dr-lora and its diagnostic variants (DIAGNOSTICS) with lora and the oracle instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     study = StudyConfig(**PRESETS[args.preset])
+    if args.diagnose:
+        study.methods, study.real = ("lora", "dr-lora", *DIAGNOSTICS, "importance-only", "oracle"), False
     for key in ("seeds", "steps"):
         if getattr(args, key) is not None:
             setattr(study, key, getattr(args, key))

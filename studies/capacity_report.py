@@ -85,8 +85,36 @@ def markdown(table: dict, study, reference: str = "lora") -> str:
     return "\n".join(lines) + "\n"
 
 
+def draw(table: dict, path: Path) -> None:
+    """Two panels per scenario row: divergence and budget share on the demanding experts, per method, with the
+    95 % intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(table)
+    fig, axes = plt.subplots(len(scenarios), 2, figsize=(11, 2.4 * len(scenarios)), squeeze=False)
+    for row, scenario in enumerate(scenarios):
+        methods = list(table[scenario])
+        for col, key in enumerate(("divergence", "budget_share")):
+            stats = [table[scenario][m][key] for m in methods]
+            means = [st["mean"] if st["n"] else math.nan for st in stats]
+            errors = [st["half_width"] if st["n"] > 1 and math.isfinite(st["half_width"]) else 0 for st in stats]
+            ax = axes[row][col]
+            ax.barh(range(len(methods)), means, xerr=errors, color="#4c72b0", alpha=0.8)
+            ax.set_yticks(range(len(methods)), methods, fontsize=8)
+            ax.invert_yaxis()
+            what = "KL / base KL (lower is better)" if col == 0 else "budget on demanding experts"
+            ax.set_title(f"{scenario}: {what}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(runs: list[dict], study, out: Path) -> dict:
     table = summarise(runs)
     (out / "results.json").write_text(json.dumps({"study": asdict(study), "table": table}, indent=2))
     (out / "results.md").write_text(markdown(table, study))
+    draw(table, out / "results.png")
     return table

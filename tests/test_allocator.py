@@ -24,6 +24,22 @@ def test_infeasible_schedule_is_refused_with_working_values():
                              grow_per_event=3)
 
 
+def test_growth_end_ratio_ends_the_events_earlier_and_the_budget_is_still_reached():
+    s = GrowthSchedule.build(total_steps=1000, growth_interval=100, warmup_ratio=0.03, r_init=8, r_target=16,
+                             grow_per_event=3, end_ratio=0.5)
+    assert s.events == (30, 130, 230, 330, 430) and s.phase(431) == "fixed"
+    with pytest.raises(ValueError, match="raise growth_end_ratio \\(now 0.2, ending growth at step 200\\)"):
+        GrowthSchedule.build(total_steps=1000, growth_interval=100, warmup_ratio=0.03, r_init=8, r_target=16,
+                             grow_per_event=3, end_ratio=0.2)
+    from drlora import DRLoRAConfig
+
+    with pytest.raises(ValueError, match="growth_end_ratio must be in \\(warmup_ratio, 1\\]"):
+        DRLoRAConfig(growth_end_ratio=0.02)
+    config = DRLoRAConfig(total_steps=1000, growth_interval=100, growth_end_ratio=0.5)
+    assert config.schedule().events[-1] == 430 and DRLoRAConfig(total_steps=1000, growth_interval=100).schedule(
+    ).events[-1] == 830
+
+
 def test_saliency_matches_hand_computation():
     f = torch.tensor([[1.0, 3.0]])
     g = torch.tensor([[2.0, 2.0]])

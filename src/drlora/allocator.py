@@ -29,19 +29,25 @@ class GrowthSchedule:
 
     @classmethod
     def build(cls, total_steps: int, growth_interval: int, warmup_ratio: float, r_init: int, r_target: int,
-              grow_per_event: int) -> GrowthSchedule:
-        """Events every `growth_interval` steps from the end of warmup to one interval before the end.
+              grow_per_event: int, end_ratio: float = 1.0) -> GrowthSchedule:
+        """Events every `growth_interval` steps from the end of warmup to one interval before the end (the
+        paper's window) or, with `end_ratio` < 1, to step floor(end_ratio * total_steps) if that is earlier.
 
         Raises ValueError if the events cannot carry every expert from r_init to r_target (the uniform case,
         which is the binding one), with settings that would work.
         """
         warmup = math.ceil(warmup_ratio * total_steps)
         last = total_steps - growth_interval
+        if end_ratio < 1.0:
+            last = min(last, math.floor(end_ratio * total_steps))
         events = tuple(range(warmup, last + 1, growth_interval)) if last >= warmup else ()
         needed = r_target - r_init
         if needed > 0 and len(events) * grow_per_event < needed:
-            raise ValueError(_infeasible_message(total_steps, growth_interval, warmup, len(events), grow_per_event,
-                                                 needed))
+            message = _infeasible_message(total_steps, growth_interval, warmup, len(events), grow_per_event, needed)
+            if end_ratio < 1.0:
+                message = message[:-1] + (f", or raise growth_end_ratio (now {end_ratio}, ending growth at step "
+                                          f"{last}).")
+            raise ValueError(message)
         return cls(total_steps, warmup, growth_interval, events)
 
     @property

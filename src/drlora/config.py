@@ -51,6 +51,10 @@ class DRLoRAConfig:
     growth_interval: int = _help("T_grow: optimizer steps between growth events.", 200)
     warmup_ratio: float = _help("Fraction of total_steps before the first growth event; the router is frozen "
                                 "during it.", 0.03)
+    growth_end_ratio: float = _help(
+        "Fraction of total_steps by which growth ends: events run from the end of warmup to one growth_interval "
+        "before the end (1.0, the paper's window) or to this fraction of the run if earlier. Ending earlier gives "
+        "the grown ranks more steps to train (docs/RESULTS.md, capacity study).", 1.0)
     max_grow_per_event: int | None = _help("New ranks one expert may activate per growth event. None means "
                                            "ceil(0.1 * (r_max - r_init)).", None)
     beta_f: float = _help("EMA decay of the routing frequency.", 0.9)
@@ -158,6 +162,9 @@ class DRLoRAConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+        if not self.warmup_ratio < self.growth_end_ratio <= 1.0:
+            raise ValueError(f"growth_end_ratio must be in (warmup_ratio, 1], got {self.growth_end_ratio!r} with "
+                             f"warmup_ratio {self.warmup_ratio}.")
         if self.gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {self.gamma!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -177,7 +184,7 @@ class DRLoRAConfig:
             raise ValueError(f"total_steps must be a positive integer, got {steps!r}.")
         start = self.r_init if self.allocation == "grow" else self.r_target  # fixed and prune need no growth
         schedule = GrowthSchedule.build(steps, self.growth_interval, self.warmup_ratio, start, self.r_target,
-                                        self.grow_per_event)
+                                        self.grow_per_event, self.growth_end_ratio)
         if self.allocation == "fixed":  # no events; the warmup still gates the router
             return dataclasses.replace(schedule, events=())
         if self.allocation == "prune" and self.r_target < self.r_max and not schedule.events:
