@@ -96,7 +96,8 @@ class StudyConfig:
     real_vocab: int = 2048
     real_steps: int = 100  # a real layer costs ~100x a tiny one: fewer, smaller steps keep the study in 20 minutes
     real_batch_size: int = 8
-    real_methods: tuple = ("dr-lora", "importance-only", "lora", "static-freq", "oracle")
+    real_demand: str = "independent"  # which demand pattern is planted in the real model
+    real_methods: tuple = ("dr-lora", "importance-only", "lora", "lora-rmax", "static-freq", "oracle")
     methods: tuple = METHODS
     families: tuple = tuple(FAMILIES)
     extra: dict = field(default_factory=dict)
@@ -340,7 +341,7 @@ def run_scenario(family: str, scenario: str, seed: int, study: StudyConfig, log,
         train_rows = token_rows(study, study.train_rows, seed)
         eval_rows = token_rows(study, study.eval_rows, seed + 1_000)
     routing = routing_frequency(base, train_rows[:256])
-    planted = planted_ranks("independent" if real is not None else scenario, study, routing["gate"], seed)
+    planted = planted_ranks(study.real_demand if real is not None else scenario, study, routing["gate"], seed)
     teacher = plant(base, planted, study, seed)
     with torch.no_grad():
         teacher_eval = torch.cat([teacher(eval_rows[i:i + 64]).logits for i in range(0, len(eval_rows), 64)])

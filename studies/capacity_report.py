@@ -85,9 +85,9 @@ def markdown(table: dict, study, reference: str = "lora") -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw(table: dict, path: Path) -> None:
-    """Two panels per scenario row: divergence and budget share on the demanding experts, per method, with the
-    95 % intervals as error bars."""
+def draw(table: dict, path: Path, reference: str = "lora") -> None:
+    """Per scenario: divergence, and the paired difference to uniform LoRA, per method; 95 % intervals as error
+    bars (the budget shares are in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,16 +97,19 @@ def draw(table: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(scenarios), 2, figsize=(11, 2.4 * len(scenarios)), squeeze=False)
     for row, scenario in enumerate(scenarios):
         methods = list(table[scenario])
-        for col, key in enumerate(("divergence", "budget_share")):
-            stats = [table[scenario][m][key] for m in methods]
+        panels = (("divergence", "KL / base KL (lower is better)"),
+                  ("paired_vs_reference", f"Δ divergence vs {reference}, paired (< 0: better)"))
+        for col, (key, title) in enumerate(panels):
+            stats = [table[scenario][m][key] or {"n": 1, "mean": 0.0, "half_width": math.nan} for m in methods]
             means = [st["mean"] if st["n"] else math.nan for st in stats]
             errors = [st["half_width"] if st["n"] > 1 and math.isfinite(st["half_width"]) else 0 for st in stats]
             ax = axes[row][col]
             ax.barh(range(len(methods)), means, xerr=errors, color="#4c72b0", alpha=0.8)
             ax.set_yticks(range(len(methods)), methods, fontsize=8)
             ax.invert_yaxis()
-            what = "KL / base KL (lower is better)" if col == 0 else "budget on demanding experts"
-            ax.set_title(f"{scenario}: {what}", fontsize=9)
+            if col == 1:
+                ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{scenario}: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
