@@ -103,6 +103,21 @@ def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets,
     line = next(row for row in markdown.splitlines() if row.startswith("| gamma-0 | "))
     assert line.split(" | ")[1].strip("*") == cell and "Base model before training: words" in markdown
     assert (out / "results.png").stat().st_size > 0 and (out / "rank_heatmaps.png").stat().st_size > 0
+    # every run keeps each eval item's result before and after; the item-paired table is those runs' own numbers
+    accuracy = {}
+    for row in csv_rows:
+        run_dir = out / "runs" / row["method"] / "words" / f"seed{row['seed']}"
+        items = [json.loads(line) for line in (run_dir / "eval_items.jsonl").read_text().splitlines()]
+        for when in ("before", "after"):
+            mine = [item for item in items if item["when"] == when and item["set"] == task]
+            assert [item["index"] for item in mine] == list(range(24))
+            assert sum(item["correct"] for item in mine) / 24 == float(row[when])
+            assert all((item["margin"] > 0) == bool(item["correct"]) for item in mine)
+        accuracy[(row["method"], int(row["seed"]))] = 100 * float(row["after"])
+    paired = next(row for row in markdown.splitlines() if row.startswith("| gamma-0 | ") and "[" in row)
+    difference = statistics.fmean(accuracy[("gamma-0", s)] - accuracy[("dr-lora", s)] for s in (0, 1))
+    assert paired.split(" | ")[1].startswith(f"{difference:+.1f} [") and "## Each method − dr-lora, paired item by " \
+        "item" in markdown and "## Gain over the base model, paired item by item" in markdown
 
     # again: everything is finished, nothing is touched
     before = metrics_mtimes(out)

@@ -70,6 +70,28 @@ def test_acc_and_acc_norm():
     assert result == {"acc": expected_acc / 2, "acc_norm": expected_norm / 2, "n": 2}
 
 
+def test_per_item_records_add_up_to_the_scores():
+    model, tok = tiny_moe("olmoe"), tokenizer()
+    rows = [{"prompt": p, "choices": [" cat", " dog", " mat"], "label": i % 3} for i, p in enumerate(PROMPTS)]
+    plain = evaluate_multiple_choice(model, tok, rows, progress=False)
+    found = evaluate_multiple_choice(model, tok, rows, progress=False, items=True)
+    records = found.pop("items")
+    assert found == plain and [r["index"] for r in records] == list(range(len(rows)))
+    assert sum(r["correct"] for r in records) / len(rows) == plain["acc"]
+    assert sum(r["correct_norm"] for r in records) / len(rows) == plain["acc_norm"]
+    for row, record in zip(rows, records):
+        lls = [reference_loglikelihood(model, tok, row["prompt"], c) for c in row["choices"]]
+        best_other = max(ll for k, ll in enumerate(lls) if k != row["label"])
+        assert record["margin"] == pytest.approx(lls[row["label"]] - best_other, abs=1e-4)
+        assert record["choice"] == max(range(3), key=lls.__getitem__)
+        assert record["correct"] == int(record["margin"] > 0)
+    assert len({r["key"] for r in records}) == len(rows)  # the fingerprint tells rows apart
+    gen = [{"prompt": p, "completion": " cat"} for p in PROMPTS[:4]]
+    scored = evaluate_generation(generation_model(), tok, gen, max_new_tokens=4, progress=False, items=True)
+    assert sum(r["correct"] for r in scored["items"]) / 4 == scored["exact_match"]
+    assert [r["key"] for r in scored["items"]] != [r["key"] for r in records[:4]]
+
+
 def test_trailing_space_of_the_prompt_moves_to_the_choice():
     assert _encode_pair(tokenizer(), "the cat ", "sat") == _encode_pair(tokenizer(), "the cat", " sat")
 

@@ -70,7 +70,8 @@ def test_a_run_writes_its_folder_and_the_adapter_scores_as_recorded(assets, tmp_
     printed = capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
     logs = {"logs"} if importlib.util.find_spec("tensorboard") else set()  # train.tensorboard: null = when installed
-    assert names == {"config.yaml", "adapter", "ranks.jsonl", "metrics.json", "rank_heatmap.png", "checkpoints", *logs}
+    assert names == {"config.yaml", "adapter", "ranks.jsonl", "metrics.json", "eval_items.jsonl", "rank_heatmap.png",
+                     "checkpoints", *logs}
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 12
     events = [json.loads(line) for line in (out / "ranks.jsonl").read_text().splitlines()]
     assert len(events) == metrics["growth_events"] > 1 and events[-1]["ranks"] == metrics["rank_map"]

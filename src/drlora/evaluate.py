@@ -12,6 +12,8 @@ the same definitions, so both backends give the same numbers on the same rows.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import contextmanager
 
 import torch
@@ -135,18 +137,36 @@ def _share_inputs(pairs, sequences) -> dict[tuple, list[tuple[int, int]]]:
     return shared
 
 
-def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int = 8, progress: bool = True) -> dict:
-    """acc and acc_norm (lm-evaluation-harness definitions) over multiple-choice rows."""
+def item_key(row: dict) -> str:
+    """A short fingerprint of an eval row (prompt and choices or completion): per-item results of two runs are
+    paired only where their keys agree, so a changed eval set can never be compared item by item by mistake."""
+    text = json.dumps([row.get("prompt"), row.get("choices"), row.get("completion")], ensure_ascii=False)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int = 8, progress: bool = True,
+                             items: bool = False) -> dict:
+    """acc and acc_norm (lm-evaluation-harness definitions) over multiple-choice rows.
+
+    With `items`, the result also holds "items": per row its key, the choice taken, whether it and the
+    length-normalised choice are correct, and the log-likelihood margin (the label's summed log-probability minus
+    the best other choice's; > 0 exactly when acc counts the row correct). Paired comparisons of two runs need these:
+    two methods' scores differ by a few items, and which items is what a paired test looks at."""
     pairs = [(row["prompt"], choice) for row in rows for choice in row["choices"]]
     scores = iter(loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, progress=progress))
-    correct = correct_norm = 0
-    for row in rows:
+    records = []
+    for index, row in enumerate(rows):
         lls = [next(scores) for _ in row["choices"]]
         normed = [ll / len(choice) for ll, choice in zip(lls, row["choices"])]
-        correct += int(max(range(len(lls)), key=lls.__getitem__) == row["label"])
-        correct_norm += int(max(range(len(normed)), key=normed.__getitem__) == row["label"])
+        choice = max(range(len(lls)), key=lls.__getitem__)
+        others = [ll for k, ll in enumerate(lls) if k != row["label"]]
+        records.append({"index": index, "key": item_key(row), "choice": choice, "correct": int(choice == row["label"]),
+                        "correct_norm": int(max(range(len(normed)), key=normed.__getitem__) == row["label"]),
+                        "margin": round(lls[row["label"]] - max(others), 6) if others else None})
     n = len(rows)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    result = {"acc": sum(r["correct"] for r in records) / n, "acc_norm": sum(r["correct_norm"] for r in records) / n,
+              "n": n}
+    return {**result, "items": records} if items else result
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -214,16 +234,20 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
 
 
 def evaluate_generation(model, tokenizer, rows: list[dict], batch_size: int = 8, max_new_tokens: int = 32,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, items: bool = False) -> dict:
     """Exact match over generation rows: the greedy prediction (generated text up to the first newline; generation
     stops at a newline, an EOS token or `max_new_tokens`) matches when ``prediction.strip() ==
     row["completion"].strip()``. Stripping forgives the leading space a completion usually carries after its prompt
     and trailing whitespace; everything else (case, punctuation) must match, as lm-eval's exact_match does by
-    default — `drlora.lm_eval_backend` uses this same definition."""
+    default — `drlora.lm_eval_backend` uses this same definition. With `items`, the result also holds "items": per
+    row its key, the prediction and whether it matched."""
     predictions = generate_predictions(model, tokenizer, [row["prompt"] for row in rows], batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, progress=progress)
-    hits = sum(p.strip() == row["completion"].strip() for p, row in zip(predictions, rows))
-    return {"exact_match": hits / len(rows), "n": len(rows)}
+    records = [{"index": index, "key": item_key(row), "prediction": p,
+                "correct": int(p.strip() == row["completion"].strip())}
+               for index, (p, row) in enumerate(zip(predictions, rows))]
+    result = {"exact_match": sum(r["correct"] for r in records) / len(rows), "n": len(rows)}
+    return {**result, "items": records} if items else result
 
 
 def rows_kind(rows: list[dict]) -> str:
@@ -239,11 +263,13 @@ def rows_kind(rows: list[dict]) -> str:
     return kinds.pop()
 
 
-def evaluate_rows(model, tokenizer, rows: list[dict], batch_size: int = 8, progress: bool = True, **kw) -> dict:
-    """Score rows by their kind: {"acc", "acc_norm", "n"} for multiple choice, {"exact_match", "n"} for generation.
+def evaluate_rows(model, tokenizer, rows: list[dict], batch_size: int = 8, progress: bool = True, items: bool = False,
+                  **kw) -> dict:
+    """Score rows by their kind: {"acc", "acc_norm", "n"} for multiple choice, {"exact_match", "n"} for generation;
+    with `items`, also the per-row records ("items", see the two scorers).
 
     `kw` holds generation options (`max_new_tokens`); multiple choice has none and ignores them, so one call serves
     every task of a run."""
     if rows_kind(rows) == "mc":
-        return evaluate_multiple_choice(model, tokenizer, rows, batch_size=batch_size, progress=progress)
-    return evaluate_generation(model, tokenizer, rows, batch_size=batch_size, progress=progress, **kw)
+        return evaluate_multiple_choice(model, tokenizer, rows, batch_size=batch_size, progress=progress, items=items)
+    return evaluate_generation(model, tokenizer, rows, batch_size=batch_size, progress=progress, items=items, **kw)

@@ -32,8 +32,11 @@ is refused unless overwrite, which redoes those runs. The tables are rewritten a
 take seconds, when a seed's runs are done and at the end), so a killed compare still leaves a usable partial table:
 
     results.csv        one row per finished run (scores as the raw fractions metrics.json holds)
-    results.md         from results.csv only: mean ± sample std over seeds per method and task; parameters per method
-                       and the first method against each other, paired by task and seed
+    results.md         from results.csv (and the runs' eval_items.jsonl): mean ± sample std over seeds per method and
+                       task; parameters per method; the first method against each other, paired by task and seed,
+                       and paired item by item with bootstrap intervals, pooled over tasks and seeds, and the
+                       smallest difference the study can detect; every method's gain over the base model
+                       (compare_paired.py)
     results.png        score per method and task, error bars = std over seeds, the base model's score dashed
     rank_heatmaps.png  final rank maps of the dr-lora runs (config method) of the first seed, one panel per task
 """
@@ -51,6 +54,7 @@ import yaml
 
 from ..fileio import write_text
 from .compare_figures import draw_rank_heatmaps, draw_results
+from .compare_paired import paired_item_lines
 from .compare_tasks import Task, parse_task, refuse_leak
 from .config import ConfigError, RunConfig, _did_you_mean, config_from_mappings
 from .run_dir import config_differences
@@ -301,8 +305,9 @@ def _mean_std(values) -> tuple[float, float | None]:
 
 
 def markdown_from_csv(csv_path) -> str:
-    """results.md from results.csv alone: the score per method and task (mean ± sample std over seeds, percentage
-    points, best mean per column in bold), the parameter accounting per method, and the base model's scores."""
+    """results.md from results.csv and the per-item records of the runs it lists: the score per method and task (mean
+    ± sample std over seeds, percentage points, best mean per column in bold), the parameter accounting per method,
+    the base model's scores, and the paired comparisons."""
     def cell(values) -> str:
         mean, std = _mean_std(values)
         return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
@@ -335,7 +340,7 @@ def markdown_from_csv(csv_path) -> str:
                  for key, fmt in (("active_params", ",.0f"), ("reserved_params", ",.0f"), ("trainable_params", ",.0f"),
                                   ("train_time_s", ".1f"), ("train_tokens_per_s", ",.0f"))]
         lines.append(f"| {m} | {mine[0]['config_method']} | {len(mine)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines + _paired_lines(agg)) + "\n"
+    return "\n".join(lines + _paired_lines(agg) + paired_item_lines(rows, methods, agg["tasks"])) + "\n"
 
 
 def _paired_lines(agg: dict) -> list[str]:

@@ -25,7 +25,7 @@ from ..builtin.tasks import TASKS
 from ..callback import DRLoRACallback
 from ..data import DataError
 from ..evaluate import evaluate_rows
-from ..fileio import write_json
+from ..fileio import write_json, write_text
 from ..host_memory import keep_freed_host_memory
 from ..loading import load_model, resolve_model
 from ..sharding import any_sharded
@@ -43,7 +43,7 @@ from .trainer import (
     newest_complete_checkpoint,
 )
 
-EVAL_CACHE_VERSION = 1
+EVAL_CACHE_VERSION = 2  # 2: cached scores hold the per-item records
 
 
 class TrainingStopped(RuntimeError):
@@ -85,8 +85,8 @@ def _model_identity(spec: str) -> dict:
 
 def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: str | None = None,
                   announce: bool = True) -> dict:
-    """Scores per eval set; with `cache_for` (a model spec) the scores of an unmodified base model are cached.
-    `announce=False` (the other processes of a sharded run) prints nothing."""
+    """Scores per eval set, each with its per-item records ("items"); with `cache_for` (a model spec) the scores of an
+    unmodified base model are cached. `announce=False` (the other processes of a sharded run) prints nothing."""
     results = {}
     for name, rows in sets.items():
         key = None
@@ -103,10 +103,21 @@ def evaluate_sets(model, tokenizer, sets: dict, config: RunConfig, cache_for: st
             print(f"drlora: evaluating on {name} ({config.data.eval_split if name in TASKS else 'file'}, "
                   f"{len(rows)} rows)", flush=True)
         results[name] = evaluate_rows(model, tokenizer, rows, batch_size=config.train.eval_batch_size,
-                                      progress=announce)
+                                      progress=announce, items=True)
         if key is not None:
             write_json(cache_dir() / "eval_cache" / f"{key}.json", results[name])
     return results
+
+
+def split_items(scores: dict | None, when: str) -> tuple[dict | None, list[dict]]:
+    """(scores without their per-item records, the records as eval_items.jsonl lines tagged with `when` and set)."""
+    if scores is None:
+        return None, []
+    lean, lines = {}, []
+    for name, result in scores.items():
+        lean[name] = {k: v for k, v in result.items() if k != "items"}
+        lines += [{"when": when, "set": name, **item} for item in result.get("items", [])]
+    return lean, lines
 
 
 class _Timer(TrainerCallback):
@@ -293,6 +304,8 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     if not main:
         model.save_pretrained(folder.path / "adapter.partial")  # joins the gather; the main process writes
         return {}
+    eval_before, items_before = split_items(eval_before, "before")
+    eval_after, items_after = split_items(eval_after, "after")
     metrics = {
         "status": "completed", "model": config.model, "method": config.method, "steps": steps,
         "train_data": config.data.train, "eval_split": config.data.eval_split, "data": data_stats,
@@ -307,14 +320,15 @@ def train(config: RunConfig, progress: bool = True) -> dict:
     }
     try:
         folder.publish_adapter(model)
-        write_json(folder.metrics_file, metrics)
+        write_text(folder.items_file, "".join(json.dumps(line) + "\n" for line in items_before + items_after))
+        write_json(folder.metrics_file, metrics)  # last: a completed metrics.json means every output is there
     except OSError as err:
         raise OSError(explain_os_error(err, f"the results in {folder.path}")) from None
     from .report import draw_heatmap, summary
 
     draw_heatmap(folder.path, folder.heatmap)
     print(summary(folder.path), flush=True)
-    print(f"drlora: wrote {folder.path}/ (config.yaml, adapter/, metrics.json, ranks.jsonl, rank_heatmap.png, "
-          "checkpoints/)", flush=True)
+    print(f"drlora: wrote {folder.path}/ (config.yaml, adapter/, metrics.json, eval_items.jsonl, ranks.jsonl, "
+          "rank_heatmap.png, checkpoints/)", flush=True)
     return metrics
 

@@ -6,6 +6,8 @@
       ranks.jsonl         one line per growth event
       adapter/            the trained adapter (save_pretrained), written when training is done
       metrics.json        loss curve summary, eval before/after, speed, parameter counts, final rank map
+      eval_items.jsonl    every eval item's result before and after training (correct, log-likelihood margin), so
+                          runs can be compared item by item
       rank_heatmap.png    final ranks and growth over time
       logs/               TensorBoard logs, when installed
 
@@ -75,6 +77,7 @@ class RunFolder:
         self.config_file = self.path / "config.yaml"
         self.ranks_file = self.path / "ranks.jsonl"
         self.metrics_file = self.path / "metrics.json"
+        self.items_file = self.path / "eval_items.jsonl"
         self.adapter = self.path / "adapter"
         self.heatmap = self.path / "rank_heatmap.png"
         self.logs = self.path / "logs"
