@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import yaml
@@ -152,6 +153,35 @@ def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets,
     assert [p.parts[-4] for p in after if after[p] != before[p]] == ["gamma-0", "gamma-0"]
     config = yaml.safe_load((out / "runs/gamma-0/words/seed1/config.yaml").read_text())
     assert config["train"]["learning_rate"] == 2e-2 and len(read_rows(out / "results.csv")) == 4
+
+
+def test_jobs_trains_runs_at_once_each_logged_with_the_results_of_runs_in_turn(assets, tmp_path, capsys):
+    parallel = compare(make_spec(assets, tmp_path / "par"), progress=False, jobs=2)
+    printed = capsys.readouterr().out
+    assert "2 runs at a time" in printed and printed.count(": finished in") == 4
+    logs = sorted((tmp_path / "par").glob("logs/*/words/seed*.log"))
+    assert len(logs) == 4 and all("drlora: wrote" in log.read_text() for log in logs)
+    in_turn = compare(make_spec(assets, tmp_path / "seq"), progress=False)
+    same = ("method", "seed", "before", "steps", "trainable_params", "active_params")
+    assert [{k: r[k] for k in same} for r in parallel] == [{k: r[k] for k in same} for r in in_turn]
+    for a, b in zip(parallel, in_turn):  # another thread count may round differently, never train differently
+        assert abs(a["after"] - b["after"]) <= 1 / 24
+        ranks = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["rank_map"] for r in (a, b)]
+        assert ranks[0] == ranks[1]
+    assert (tmp_path / "par/results.md").read_text().count("|") > 0
+
+
+def test_a_failed_run_under_jobs_stops_the_study_and_the_finished_runs_are_tabulated(assets, tmp_path, capsys):
+    spec = make_spec(assets, tmp_path / "cmp", seeds=[0],
+                     methods={"dr-lora": {}, "no-model": {"model": str(tmp_path / "not-a-model")}})
+    (tmp_path / "not-a-model").mkdir()  # the spec is fine; the run fails when it loads the model, in its worker
+    (tmp_path / "not-a-model" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not-a-model"):
+        compare(spec, progress=False, jobs=2)
+    assert "no-model / words / seed 0: failed (see " in capsys.readouterr().out
+    assert [r["method"] for r in read_rows(tmp_path / "cmp/results.csv")] == ["dr-lora"]
+    with pytest.raises(ConfigError, match="jobs must be a positive number"):
+        compare(spec, jobs=0)
 
 
 def test_dry_run_lists_the_plan_and_writes_nothing(assets, tmp_path, capsys):

@@ -85,7 +85,7 @@ def _report(args) -> int:
 def _compare(args) -> int:
     from .recipe.compare import compare
 
-    compare(args.spec, overwrite=args.overwrite, dry_run=args.dry_run)
+    compare(args.spec, overwrite=args.overwrite, dry_run=args.dry_run, jobs=args.jobs)
     return 0
 
 
@@ -189,6 +189,10 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--overwrite", action="store_true",
                     help="redo the runs whose folder holds another configuration (the spec changed)")
     cm.add_argument("--dry-run", action="store_true", help="print the plan (every run and its state) and exit")
+    cm.add_argument("--jobs", type=int, default=1, metavar="N",
+                    help="train N runs at once, each in its own process on 1/N of the cores, its output in "
+                         "OUTPUT_DIR/logs/ (on a CPU, two one-thread runs finish sooner than two two-thread runs "
+                         "in turn; the same training, float rounding aside)")
     cm.set_defaults(run=_compare)
 
     ex = commands.add_parser("export", help="export a run as a PEFT adapter or a merged checkpoint")

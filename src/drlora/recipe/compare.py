@@ -26,7 +26,8 @@ A run's config is config_from_mappings(config, methods[label], {data: {train: [T
 output_dir: OUTPUT_DIR/runs/LABEL/TASK/seedN}); those keys (and overwrite, resume) are compare's, so the spec may
 not set them. Every config is resolved before anything runs, so a bad spec fails (one sentence, nothing written)
 before hours of training. Runs go in-process in the order seed → task → method, so a stopped study holds complete
-tables of its first seeds. A run whose folder holds its own config.yaml and a completed metrics.json is skipped;
+tables of its first seeds; `jobs` > 1 (`--jobs N`) trains N of them at a time, in that order, each in its own process
+on its share of the cores (compare_jobs.py). A run whose folder holds its own config.yaml and a completed metrics.json is skipped;
 with its own config.yaml but no finished metrics it continues (resume); a different config.yaml (the spec changed)
 is refused unless overwrite, which redoes those runs. The tables are rewritten after every run (the figures, which
 take seconds, when a seed's runs are done and at the end), so a killed compare still leaves a usable partial table:
@@ -205,11 +206,14 @@ def _state(run: PlannedRun) -> tuple[str, str]:
 
 
 # ---- running -------------------------------------------------------------------------------------------------------
-def compare(spec, overwrite: bool = False, dry_run: bool = False, progress: bool = True) -> list[dict]:
+def compare(spec, overwrite: bool = False, dry_run: bool = False, progress: bool = True, jobs: int = 1) -> list[dict]:
     """Run (with dry_run: only list) every run of the spec that is not finished, rewriting the results after each;
-    returns the rows of results.csv. A bad spec raises ConfigError with one sentence before anything is written."""
+    returns the rows of results.csv. `jobs` > 1 trains that many runs at once, each in its own process on its share
+    of the cores (compare_jobs.py). A bad spec raises ConfigError with one sentence before anything is written."""
     from .run import train
 
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"jobs must be a positive number of runs to train at once, got {jobs!r}.")
     spec, runs = plan(spec)
     out, first_seed, n = Path(spec["output_dir"]), spec["seeds"][0], len(runs)
     count = {s: sum(r.state == s for r in runs) for s in ("finished", "resume", "new", "changed")}
@@ -231,14 +235,18 @@ def compare(spec, overwrite: bool = False, dry_run: bool = False, progress: bool
         for i, run in enumerate(runs, 1):
             if run.state == "finished":
                 print(f"[{i}/{n}] {run.name}: finished, skipped", flush=True)
-                continue
-            action = {"new": "training", "resume": "resuming", "changed": "redoing it (overwrite)"}[run.state]
-            print(f"[{i}/{n}] {run.name} ... {action}", flush=True)
-            train(dataclasses.replace(run.config, resume=run.state == "resume", overwrite=run.state == "changed"),
-                  progress=progress)
-            run.state = "finished"
-            # the tables after every run; the figures (seconds each) when a seed's runs are done, and at the end
-            write_results(out, runs, first_seed, figures=i < n and runs[i].seed != run.seed)
+            elif jobs == 1:
+                action = {"new": "training", "resume": "resuming", "changed": "redoing it (overwrite)"}[run.state]
+                print(f"[{i}/{n}] {run.name} ... {action}", flush=True)
+                train(dataclasses.replace(run.config, resume=run.state == "resume",
+                                          overwrite=run.state == "changed"), progress=progress)
+                run.state = "finished"
+                # the tables after every run; the figures (seconds each) when a seed's runs are done, and at the end
+                write_results(out, runs, first_seed, figures=i < n and runs[i].seed != run.seed)
+        if jobs > 1:
+            from .compare_jobs import run_parallel
+
+            run_parallel(out, runs, jobs, lambda run: write_results(out, runs, first_seed, figures=False))
     finally:  # also after a failed run: the finished ones are tabulated
         rows = write_results(out, runs, first_seed)
     print(f"drlora compare: {len(rows)} of {n} runs finished; results in {out}/ (results.csv, .md, .png)")
