@@ -150,7 +150,7 @@ def evaluate_multiple_choice(model, tokenizer, rows: list[dict], batch_size: int
 
     With `items`, the result also holds "items": per row its key, the choice taken, whether it and the
     length-normalised choice are correct, and the log-likelihood margin (the label's summed log-probability minus
-    the best other choice's; > 0 exactly when acc counts the row correct). Paired comparisons of two runs need these:
+    the best other choice's; > 0 when the label wins). Paired comparisons of two runs need these:
     two methods' scores differ by a few items, and which items is what a paired test looks at."""
     pairs = [(row["prompt"], choice) for row in rows for choice in row["choices"]]
     scores = iter(loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, progress=progress))

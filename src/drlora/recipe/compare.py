@@ -66,6 +66,7 @@ COLUMNS = ("method", "task", "seed", "config_method", "metric", "before", "after
            "reserved_params", "trainable_params", "train_time_s", "train_tokens_per_s", "steps", "run_dir")
 INTS = {"seed", "active_params", "reserved_params", "trainable_params", "steps"}
 FLOATS = {"before", "after", "acc_norm_after", "train_time_s", "train_tokens_per_s"}
+ACTIONS = {"new": "training", "resume": "resuming", "changed": "redoing it (overwrite)"}  # by a run's state
 
 
 @dataclasses.dataclass
@@ -236,8 +237,7 @@ def compare(spec, overwrite: bool = False, dry_run: bool = False, progress: bool
             if run.state == "finished":
                 print(f"[{i}/{n}] {run.name}: finished, skipped", flush=True)
             elif jobs == 1:
-                action = {"new": "training", "resume": "resuming", "changed": "redoing it (overwrite)"}[run.state]
-                print(f"[{i}/{n}] {run.name} ... {action}", flush=True)
+                print(f"[{i}/{n}] {run.name} ... {ACTIONS[run.state]}", flush=True)
                 train(dataclasses.replace(run.config, resume=run.state == "resume",
                                           overwrite=run.state == "changed"), progress=progress)
                 run.state = "finished"

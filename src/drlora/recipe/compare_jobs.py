@@ -52,6 +52,8 @@ def log_path(out: Path, run) -> Path:
 def run_parallel(out: Path, runs: list, jobs: int, on_finished) -> None:
     """Train every unfinished run of `runs`, `jobs` at a time, in spec order; `on_finished(run)` after each (the
     caller rewrites its tables there)."""
+    from .compare import ACTIONS
+
     todo = [r for r in runs if r.state != "finished"]
     threads, n = threads_per_job(jobs), len(runs)
     print(f"drlora compare: {min(jobs, len(todo))} runs at a time, {threads} thread(s) each; each run's output goes "
@@ -63,8 +65,7 @@ def run_parallel(out: Path, runs: list, jobs: int, on_finished) -> None:
         running = {}
 
         def submit(run) -> None:
-            action = {"new": "training", "resume": "resuming", "changed": "redoing it (overwrite)"}[run.state]
-            print(f"[{index[id(run)]}/{n}] {run.name} ... {action} (log: {log_path(out, run)})", flush=True)
+            print(f"[{index[id(run)]}/{n}] {run.name} ... {ACTIONS[run.state]} (log: {log_path(out, run)})", flush=True)
             config = dataclasses.replace(run.config, resume=run.state == "resume", overwrite=run.state == "changed")
             running[pool.submit(_train_logged, config, str(log_path(out, run)))] = run
 
