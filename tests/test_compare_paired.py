@@ -75,4 +75,7 @@ def test_tables_pair_item_by_item_and_never_across_different_items(tmp_path):
     gains = lines[lines.index("## Gain over the base model, paired item by item"):]
     assert any(line.startswith("| A | +50.0 [") for line in gains) and any(line.startswith("| B | +60.0 [")
                                                                            for line in gains)
+    assert not any("noise only" in line for line in lines)
+    one_seed = paired_item_lines([r for r in rows if r["seed"] == 0], ["A", "B"], ["t1", "t2"])
+    assert any("the interval covers the test items' noise only" in line for line in one_seed)
     assert paired_item_lines([{**r, "run_dir": str(tmp_path / "none")} for r in rows], ["A", "B"], ["t1"]) == []

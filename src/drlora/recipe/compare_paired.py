@@ -171,7 +171,10 @@ def paired_item_lines(rows: list[dict], methods: list[str], tasks: list[str]) ->
                    "(seeds and items resampled; pooled: every task weighs the same). seeds and detectable refer to "
                    f"the last column; detectable = the true difference a two-sided 5 % test finds with 80 % power "
                    f"(2.8 bootstrap standard errors). The smallest difference this study can detect ({columns[-1]}, "
-                   f"median over methods): {size}."), "", header, rule,
+                   f"median over methods): {size}."
+                   + (" Where seeds is 1, the interval covers the test items' noise only, not another run's."
+                      if any(f.get(columns[-1], {}).get("seeds") == 1 for f in against.values()) else "")),
+                  "", header, rule,
                   *(_row_line(m, found, columns) for m, found in against.items())]
     if collected["before"]:
         gains = {m: compare_methods(collected, m, None, tasks) for m in methods}
