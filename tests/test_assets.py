@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.assets, pytest.mark.skipif(os.environ.get("DRLORA_OFFL
 
 SIZES = {"siqa": (1230, 200, 500), "strategyqa": (1589, 200, 500), "sports": (586, 100, 300),
          "emqa": (6988, 200, 500), "sentiment": (56562, 200, 500), "multiplication": (600, 100, 300),
+         "subtraction": (600, 100, 300),
          "wikihow": (1550, 200, 500)}
 
 

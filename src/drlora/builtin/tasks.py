@@ -42,6 +42,7 @@ TASKS = {t.name: t for t in (
                 question_prefix="Is the sentiment of this opinion positive, negative, neutral or ambivalent?\n"
                                 "Opinion: ", answer_prefix="\nSentiment:"),
     BuiltinTask("multiplication", "arithmetic/2_digit_multiplication", "2-digit multiplication (7-way)", 300, 100),
+    BuiltinTask("subtraction", "arithmetic/2_digit_subtraction", "2-digit subtraction (7-way)", 300, 100),
     BuiltinTask("wikihow", "goal_step_wikihow/step_inference", "which step serves a wikiHow goal (4-way)", 500, 200),
 )}
 
