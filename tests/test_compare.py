@@ -116,8 +116,8 @@ def test_compare_runs_tabulates_skips_resumes_and_refuses_a_changed_spec(assets,
             assert all((item["margin"] > 0) == bool(item["correct"]) for item in mine)
         accuracy[(row["method"], int(row["seed"]))] = 100 * float(row["after"])
     paired = next(row for row in markdown.splitlines() if row.startswith("| gamma-0 | ") and "[" in row)
-    difference = statistics.fmean(accuracy[("gamma-0", s)] - accuracy[("dr-lora", s)] for s in (0, 1))
-    assert paired.split(" | ")[1].startswith(f"{difference:+.1f} [") and "## Each method − dr-lora, paired item by " \
+    difference = statistics.fmean(accuracy[("dr-lora", s)] - accuracy[("gamma-0", s)] for s in (0, 1))
+    assert paired.split(" | ")[1].startswith(f"{difference:+.1f} [") and "## dr-lora − each method, paired item by " \
         "item" in markdown and "## Gain over the base model, paired item by item" in markdown
 
     # again: everything is finished, nothing is touched

@@ -66,10 +66,10 @@ def test_tables_pair_item_by_item_and_never_across_different_items(tmp_path):
     rows.append({"method": "C", "task": "t1", "seed": 0,  # scored on other items: never paired
                  "run_dir": write_run(tmp_path / "C", base, better, keys=[f"x{i}" for i in range(100)])})
     lines = paired_item_lines(rows, ["A", "B", "C"], ["t1", "t2"])
-    assert "## Each method − A, paired item by item" in lines
-    b_line = next(line for line in lines if line.startswith("| B | +10.0 ["))
+    assert "## A − each method, paired item by item" in lines
+    b_line = next(line for line in lines if line.startswith("| B | -10.0 ["))  # A − B
     cells = b_line.split(" | ")
-    assert cells[1].startswith("+10.0") and cells[2].startswith("+10.0") and cells[3].startswith("+10.0")
+    assert cells[1].startswith("-10.0") and cells[2].startswith("-10.0") and cells[3].startswith("-10.0")
     assert cells[4] == "2"  # seeds behind the pooled column
     assert "| C | – | – | – | – | – |" in lines
     gains = lines[lines.index("## Gain over the base model, paired item by item"):]

@@ -152,8 +152,9 @@ def _interval(s: dict) -> str:
 
 
 def paired_item_lines(rows: list[dict], methods: list[str], tasks: list[str]) -> list[str]:
-    """results.md's item-paired sections: each method against the first, and every method's gain over the base
-    model; empty when no run has per-item records."""
+    """results.md's item-paired sections: the first method against each other (first − method, the sign of the
+    run-paired table above them), and every method's gain over the base model; empty when no run has per-item
+    records."""
     collected = _collect(rows)
     if not collected["after"]:
         return []
@@ -161,12 +162,12 @@ def paired_item_lines(rows: list[dict], methods: list[str], tasks: list[str]) ->
     header = "| method | " + " | ".join(columns) + " | seeds | detectable |"
     rule = "|---|" + "---:|" * len(columns) + "---:|---:|"
     first, lines = methods[0], []
-    against = {m: compare_methods(collected, m, first, tasks) for m in methods[1:]}
+    against = {m: compare_methods(collected, first, m, tasks) for m in methods[1:]}
     if against:
         detectable = [found[columns[-1]]["detectable"] for found in against.values() if columns[-1] in found]
         size = f"about {np.median(detectable):.1f} points" if detectable else "not known until every task has a run"
-        lines += ["", f"## Each method − {first}, paired item by item", "",
-                  (f"Difference in accuracy, percentage points (> 0: the method scored higher than {first}), mean "
+        lines += ["", f"## {first} − each method, paired item by item", "",
+                  (f"Difference in accuracy, percentage points ({first} − method; > 0: {first} scored higher), mean "
                    "over the seeds both finished and the task's eval items, with a 95 % two-way bootstrap interval "
                    "(seeds and items resampled; pooled: every task weighs the same). seeds and detectable refer to "
                    f"the last column; detectable = the true difference a two-sided 5 % test finds with 80 % power "
